@@ -1,0 +1,26 @@
+"""sam_kernels: fast sharpness-aware optimizers for PyTorch (SAM, ASAM, R-SAM).
+
+>>> import torch, sam_kernels
+>>> model = torch.nn.Linear(4, 2)
+>>> opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+
+See README.md for both step APIs and the backends.
+"""
+
+from . import functional, noise
+from .backends import available_backends, register_backend
+from .optim import ASAM, RSAM, SAM, SharpnessAwareOptimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAM",
+    "ASAM",
+    "RSAM",
+    "SharpnessAwareOptimizer",
+    "available_backends",
+    "register_backend",
+    "functional",
+    "noise",
+    "__version__",
+]

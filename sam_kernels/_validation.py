@@ -1,0 +1,64 @@
+"""Early, descriptive checks of hyperparameters and gradients (host-side only, no sync)."""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from .backends import BACKEND_NAMES
+
+
+def check_non_negative(name: str, value, owner: str = "") -> float:
+    where = f" in {owner}" if owner else ""
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"Invalid {name}{where}: {value!r} (must be a finite number >= 0)")
+    return float(value)
+
+
+def check_p(p) -> float:
+    if p not in (2, float("inf")):
+        raise ValueError(f"Invalid p: {p!r} (ASAM supports p = 2 or p = float('inf'))")
+    return float(p)
+
+
+def check_granularity(granularity) -> str:
+    if granularity not in ("element", "filter"):
+        raise ValueError(f"Invalid granularity: {granularity!r} (must be 'element' or 'filter')")
+    return granularity
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKEND_NAMES:
+        raise ValueError(f"Invalid backend: {backend!r} (must be one of {', '.join(BACKEND_NAMES)})")
+    return backend
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"Invalid seed: {seed!r} (must be an int in [0, 2**64))")
+    return seed
+
+
+def check_gradients(named: list[tuple[str, torch.Tensor]], owner: str) -> None:
+    """Sparse gradients, gradients on another device or dtype than their param, and mixed devices."""
+    devices = set()
+    for name, param in named:
+        grad = param.grad
+        if grad.is_sparse:
+            raise RuntimeError(f"{owner} does not support sparse gradients ({name})")
+        if grad.device != param.device:
+            raise RuntimeError(f"{owner}: gradient of {name} is on {grad.device} but the parameter is on {param.device}")
+        if grad.shape != param.shape:
+            raise RuntimeError(f"{owner}: gradient of {name} has shape {tuple(grad.shape)}, parameter {tuple(param.shape)}")
+        devices.add(param.device)
+    check_single_device(devices, owner)
+
+
+def check_single_device(devices: set, owner: str) -> None:
+    if len(devices) > 1:
+        raise RuntimeError(
+            f"{owner} needs all parameters on one device (global norms span every parameter); "
+            f"got {sorted(str(d) for d in devices)}"
+        )

@@ -1,0 +1,220 @@
+"""The foreach backend: torch._foreach_* ops over whole tensor lists.
+
+Tensors are bucketed by dtype (and, for scaled updates, by the scale tensor
+they share, i.e. by param group) so that each elementwise stage is one
+multi-tensor launch per bucket. Three things have no foreach form and run per
+tensor: per-filter norms (a reduction over dim ≥ 1), broadcasting a
+per-filter value over its filter, and zeroing non-finite ε elements. The R-SAM
+noise stream is generated for all tensors of a call in one batched pass.
+
+Arithmetic runs in the parameters' dtype (torch's foreach kernels compute
+each op in float32 and round its result); reductions accumulate in float32
+(float64 for float64 tensors).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import noise
+from .reference import accumulation_dtype, asam_scale, filter_norm, noise_std
+
+NAME = "foreach"
+
+
+def available() -> tuple[bool, str]:
+    return True, ""
+
+
+def supports(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda", "xpu")
+
+
+def _buckets(keys: Sequence[Hashable]) -> dict[Hashable, list[int]]:
+    """Positions of the items grouped by key, in first-seen order."""
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for position, key in enumerate(keys):
+        groups[key].append(position)
+    return groups
+
+
+def _take(items: Sequence, positions: list[int]) -> list:
+    return [items[i] for i in positions]
+
+
+def _sum_of_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """Σ‖x‖² over a list, each norm accumulated in float32 (float64 for float64)."""
+    partials = []
+    for positions in _buckets([x.dtype for x in tensors]).values():
+        bucket = _take(tensors, positions)
+        acc = accumulation_dtype(bucket[0].dtype)
+        norms = torch._foreach_norm(bucket, 2, dtype=acc)
+        partials.append(torch.stack(norms).square().sum())
+    return _total(partials)
+
+
+def _total(partials: list[Tensor]) -> Tensor:
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in partials) else torch.float32
+    return torch.stack([x.to(dtype) for x in partials]).sum(0)
+
+
+def _zero_non_finite_(tensors: Sequence[Tensor]) -> None:
+    # A skipped step has every scale zero, so ε = 0·g ∈ {0, NaN}; no foreach op maps NaN to 0.
+    for x in tensors:
+        torch.nan_to_num_(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _scales_in_native_dtype(params: Sequence[Tensor], etas: Sequence[float], adaptive: str | None) -> list[Tensor]:
+    """ASAM's t per tensor, in each parameter's dtype (filter-wise: broadcast per tensor)."""
+    if adaptive == "element":
+        t = torch._foreach_abs(list(params))
+        torch._foreach_add_(t, list(etas))
+        return t
+    return [asam_scale(w, eta, adaptive).to(w.dtype) for w, eta in zip(params, etas)]
+
+
+def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [filter_norm(w) for w in tensors]
+
+
+def scaled_grad_sq_sum(
+    params: Sequence[Tensor], grads: Sequence[Tensor], *, etas: Sequence[float], adaptive: str | None
+) -> Tensor:
+    if adaptive is None:
+        return _sum_of_squares(grads)
+    t = _scales_in_native_dtype(params, etas, adaptive)
+    return _sum_of_squares(torch._foreach_mul(t, list(grads)))
+
+
+def perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    scales: Sequence[Tensor],
+    *,
+    etas: Sequence[float],
+    adaptive: str | None,
+    p: float,
+) -> None:
+    params, grads, saved = list(params), list(grads), list(saved)
+    torch._foreach_copy_(saved, params)
+    t = None if adaptive is None else _scales_in_native_dtype(params, etas, adaptive)
+    # ε is built as (scale·g)·t·t (p = 2) or (scale·sign g)·t (p = ∞): normalising
+    # first keeps float16 intermediates in range.
+    direction = torch._foreach_sign(grads) if p != 2 else grads
+    eps: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for (dtype, _), positions in _buckets([(g.dtype, id(s)) for g, s in zip(grads, scales)]).items():
+        scale = scales[positions[0]].to(dtype)
+        bucket = torch._foreach_mul(_take(direction, positions), scale)
+        for position, value in zip(positions, bucket):
+            eps[position] = value
+    if t is not None:
+        torch._foreach_mul_(eps, t)
+        if p == 2:
+            torch._foreach_mul_(eps, t)
+    _zero_non_finite_(eps)
+    _foreach_add_by_dtype_(params, eps)
+
+
+def _foreach_add_by_dtype_(targets: list[Tensor], values: list[Tensor]) -> None:
+    for positions in _buckets([(x.dtype, v.dtype) for x, v in zip(targets, values)]).values():
+        torch._foreach_add_(_take(targets, positions), _take(values, positions))
+
+
+def restore_(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
+    if params:
+        torch._foreach_copy_(list(params), list(saved))
+
+
+def _initial_noise(
+    saved: Sequence[Tensor], gammas: Sequence[float], seed: int, tensor_indices: Sequence[int], step: int
+) -> list[Tensor]:
+    """δ₀ per tensor in its accumulation dtype; the Philox stream of all tensors in one pass."""
+    if not saved:
+        return []
+    z = noise.standard_normal_multi(
+        [w.numel() for w in saved],
+        seed=seed,
+        tensor_indices=list(tensor_indices),
+        step=step,
+        device=saved[0].device,
+    )
+    return [
+        noise_std(w, gamma) * zi.reshape(w.shape).to(accumulation_dtype(w.dtype))
+        for w, gamma, zi in zip(saved, gammas, z)
+    ]
+
+
+def add_noise_(
+    params: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    *,
+    gammas: Sequence[float],
+    seed: int,
+    tensor_indices: Sequence[int],
+    step: int,
+) -> None:
+    params, saved = list(params), list(saved)
+    if not params:
+        return
+    torch._foreach_copy_(saved, params)
+    _foreach_add_by_dtype_(params, _initial_noise(saved, gammas, seed, tensor_indices, step))
+
+
+def noise_grad_sums(
+    grads: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    *,
+    gammas: Sequence[float],
+    lams: Sequence[float],
+    seed: int,
+    tensor_indices: Sequence[int],
+    step: int,
+) -> Tensor:
+    grads = list(grads)
+    deltas = _initial_noise(saved, gammas, seed, tensor_indices, step)
+    grads_acc = [g.to(d.dtype) for g, d in zip(grads, deltas)]
+    dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
+    dots = [x.sum() for x in torch._foreach_mul(deltas, grads_acc)]
+    grad_sq = torch._foreach_pow(torch._foreach_norm(grads_acc, 2), 2)
+    weighted_dots = torch._foreach_mul(dots, list(lams))
+    weighted_grad_sq = torch._foreach_mul(grad_sq, [lam * lam for lam in lams])
+    return torch.stack(
+        [
+            _sum_of_squares(deltas).to(dtype),
+            _total(grad_sq).to(dtype),
+            _total(weighted_dots).to(dtype),
+            _total(weighted_grad_sq).to(dtype),
+        ]
+    )
+
+
+def mix_perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    noise_coefs: Sequence[Tensor],
+    grad_coefs: Sequence[Tensor],
+    *,
+    gammas: Sequence[float],
+    seed: int,
+    tensor_indices: Sequence[int],
+    step: int,
+) -> None:
+    params, grads, saved = list(params), list(grads), list(saved)
+    if not params:
+        return
+    eps = _initial_noise(saved, gammas, seed, tensor_indices, step)
+    grads_acc = [g.to(d.dtype) for g, d in zip(grads, eps)]
+    keys = [(d.dtype, id(a), id(b)) for d, a, b in zip(eps, noise_coefs, grad_coefs)]
+    for (dtype, _, _), positions in _buckets(keys).items():
+        bucket = _take(eps, positions)
+        torch._foreach_mul_(bucket, noise_coefs[positions[0]].to(dtype))
+        torch._foreach_add_(bucket, torch._foreach_mul(_take(grads_acc, positions), grad_coefs[positions[0]].to(dtype)))
+    _zero_non_finite_(eps)
+    torch._foreach_copy_(params, saved)
+    _foreach_add_by_dtype_(params, eps)

@@ -1,0 +1,193 @@
+"""The reference backend: one tensor at a time, written to read like DESIGN.md §2.
+
+This is the oracle that every other backend is tested against. It favours
+clarity over speed: every quantity is computed in the accumulation dtype
+(float32, or float64 for float64 parameters) and stored back once in the
+parameter's dtype. It never synchronises with the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import noise
+
+NAME = "reference"
+NORM_GUARD = 1e-12  # ‖·‖ + 1e-12 guards a zero norm (DESIGN.md §2)
+
+
+def available() -> tuple[bool, str]:
+    return True, ""
+
+
+def supports(device: torch.device) -> bool:
+    return True
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 tensors, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc(tensor: Tensor) -> Tensor:
+    return tensor.to(accumulation_dtype(tensor.dtype))
+
+
+def filter_norm(w: Tensor) -> Tensor:
+    """‖f_i‖₂ for filter i = w[i] flattened (ndim ≥ 2); |w_k| when ndim ≤ 1."""
+    w = _acc(w)
+    if w.dim() <= 1:
+        return w.abs()
+    return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
+
+
+def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+    return [filter_norm(w) for w in tensors]
+
+
+def _broadcast_per_filter(per_filter: Tensor, like: Tensor) -> Tensor:
+    """Expand a per-filter value [size(0)] to the shape of ``like`` (identity for ndim ≤ 1)."""
+    if like.dim() <= 1:
+        return per_filter
+    return per_filter.reshape((-1,) + (1,) * (like.dim() - 1)).expand_as(like)
+
+
+def asam_scale(w: Tensor, eta: float, adaptive: str | None) -> Tensor:
+    """ASAM's t: 1 (SAM), |w| + η (element-wise) or ‖f_i‖₂ + η (filter-wise, ndim ≥ 2)."""
+    w = _acc(w)
+    if adaptive is None:
+        return torch.ones_like(w)
+    if adaptive == "element" or w.dim() <= 1:
+        return w.abs() + eta
+    if adaptive == "filter":
+        return _broadcast_per_filter(filter_norm(w), w) + eta
+    raise ValueError(f"adaptive must be None, 'element' or 'filter', got {adaptive!r}")
+
+
+def noise_std(w_saved: Tensor, gamma: float) -> Tensor:
+    """σ for every element: γ · ‖w_i‖₂ / √n_i of its filter i (ndim ≤ 1: γ · |w_k|)."""
+    w_saved = _acc(w_saved)
+    if w_saved.dim() <= 1:
+        return gamma * w_saved.abs()
+    filter_size = w_saved[0].numel() if w_saved.shape[0] else 1
+    sigma = gamma * filter_norm(w_saved) / math.sqrt(filter_size)
+    return _broadcast_per_filter(sigma, w_saved)
+
+
+def initial_noise(w_saved: Tensor, gamma: float, seed: int, tensor_index: int, step: int) -> Tensor:
+    """δ₀ = σ ⊙ z, z the Philox/Box–Muller stream of tensor ``tensor_index`` at ``step``."""
+    z = noise.standard_normal(w_saved.numel(), seed=seed, tensor_index=tensor_index, step=step, device=w_saved.device)
+    z = z.reshape(w_saved.shape).to(accumulation_dtype(w_saved.dtype))
+    return noise_std(w_saved, gamma) * z
+
+
+def _zero_non_finite(eps: Tensor) -> Tensor:
+    # A skipped (non-finite) step has every scale zero, so ε = 0·g ∈ {0, NaN}: make it 0.
+    return torch.where(torch.isfinite(eps), eps, torch.zeros_like(eps))
+
+
+def scaled_grad_sq_sum(
+    params: Sequence[Tensor], grads: Sequence[Tensor], *, etas: Sequence[float], adaptive: str | None
+) -> Tensor:
+    """Σ over all tensors of Σ_k (t_k · g_k)²."""
+    total = None
+    for w, g, eta in zip(params, grads, etas):
+        t = asam_scale(w, eta, adaptive)
+        term = ((t * _acc(g)) ** 2).sum()
+        total = term if total is None else _add_promoting(total, term)
+    return total if total is not None else torch.zeros((), dtype=torch.float32)
+
+
+def _add_promoting(a: Tensor, b: Tensor) -> Tensor:
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype) + b.to(dtype)
+
+
+def perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    scales: Sequence[Tensor],
+    *,
+    etas: Sequence[float],
+    adaptive: str | None,
+    p: float,
+) -> None:
+    """saved ← w; w ← w + ε, ε = s·t²⊙g (p = 2) or ε = s·t⊙sign(g) (p = ∞)."""
+    for w, g, w_saved, scale, eta in zip(params, grads, saved, scales, etas):
+        w_saved.copy_(w)
+        t = asam_scale(w, eta, adaptive)
+        g = _acc(g)
+        scale = scale.to(g.dtype)
+        if p == 2:
+            eps = scale * t * t * g
+        else:
+            eps = scale * t * torch.sign(g)
+        w.copy_(_acc(w_saved) + _zero_non_finite(eps))
+
+
+def restore_(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
+    """w ← saved (bit-exact: the copy has the parameter's dtype)."""
+    for w, w_saved in zip(params, saved):
+        w.copy_(w_saved)
+
+
+def add_noise_(
+    params: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    *,
+    gammas: Sequence[float],
+    seed: int,
+    tensor_indices: Sequence[int],
+    step: int,
+) -> None:
+    """saved ← w; w ← w + δ₀ = ŵ."""
+    for w, w_saved, gamma, j in zip(params, saved, gammas, tensor_indices):
+        w_saved.copy_(w)
+        w.copy_(_acc(w_saved) + initial_noise(w_saved, gamma, seed, j, step))
+
+
+def noise_grad_sums(
+    grads: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    *,
+    gammas: Sequence[float],
+    lams: Sequence[float],
+    seed: int,
+    tensor_indices: Sequence[int],
+    step: int,
+) -> Tensor:
+    """(Σ δ₀², Σ g², Σ λ·δ₀·g, Σ λ²·g²) over all tensors."""
+    total = None
+    for g, w_saved, gamma, lam, j in zip(grads, saved, gammas, lams, tensor_indices):
+        delta = initial_noise(w_saved, gamma, seed, j, step)
+        g = _acc(g)
+        sums = torch.stack(
+            [(delta * delta).sum(), (g * g).sum(), lam * (delta * g).sum(), lam * lam * (g * g).sum()]
+        )
+        total = sums if total is None else _add_promoting(total, sums)
+    return total if total is not None else torch.zeros(4, dtype=torch.float32)
+
+
+def mix_perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    noise_coefs: Sequence[Tensor],
+    grad_coefs: Sequence[Tensor],
+    *,
+    gammas: Sequence[float],
+    seed: int,
+    tensor_indices: Sequence[int],
+    step: int,
+) -> None:
+    """w ← saved + ε, ε = a·δ₀ + b·g (a, b from :func:`sam_kernels.functional.rsam_coefficients`)."""
+    for w, g, w_saved, a, b, gamma, j in zip(params, grads, saved, noise_coefs, grad_coefs, gammas, tensor_indices):
+        delta = initial_noise(w_saved, gamma, seed, j, step)
+        g = _acc(g)
+        eps = a.to(g.dtype) * delta + b.to(g.dtype) * g
+        w.copy_(_acc(w_saved) + _zero_non_finite(eps))

@@ -1,0 +1,222 @@
+"""Functional layer: the sharpness-aware operations on lists of tensors.
+
+Each operation takes lists of tensors on one device and a ``backend`` name
+(``"auto"``, ``"reference"``, ``"foreach"``, and later ``"triton"``,
+``"cuda"``, ``"cpp"``). Per-tensor hyperparameters accept one float for all
+tensors or a sequence with one value per tensor.
+
+A SAM/ASAM first step is::
+
+    sq = scaled_grad_sq_sum(params, grads, adaptive=..., etas=...)    # Σ (t⊙g)²
+    scales, skipped = sam_scales(sq, rhos, p=...)                     # ρ/(‖t⊙g‖+1e-12)
+    perturb_(params, grads, saved, scales, adaptive=..., etas=..., p=...)
+
+and the second step ``restore_(params, saved)``. R-SAM's first step is
+``add_noise_`` before the first forward, then ``noise_grad_sums`` →
+``rsam_coefficients`` → ``mix_perturb_`` after the first backward.
+
+The scale math lives here, shared by every backend, as a few tiny device ops:
+no function in this module reads a tensor value on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .backends import resolve_backend
+
+NORM_GUARD = 1e-12
+
+__all__ = [
+    "filter_norms",
+    "scaled_grad_sq_sum",
+    "sam_scales",
+    "perturb_",
+    "restore_",
+    "add_noise_",
+    "noise_grad_sums",
+    "rsam_coefficients",
+    "mix_perturb_",
+    "resolve",
+]
+
+FloatOrSeq = float | Sequence[float]
+
+
+def _per_tensor(value: FloatOrSeq, count: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * count
+    values = [float(v) for v in value]
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} values for {count} tensors")
+    return values
+
+
+def _device_of(*lists: Sequence[Tensor]) -> torch.device | None:
+    devices = {t.device for tensors in lists for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    return devices.pop() if devices else None
+
+
+def resolve(backend: str, *lists: Sequence[Tensor]):
+    """The backend implementation for these tensors (``auto`` picks the fastest available)."""
+    device = _device_of(*lists)
+    return resolve_backend(backend, device if device is not None else torch.device("cpu"))
+
+
+def filter_norms(tensors: Sequence[Tensor], *, backend: str = "auto") -> list[Tensor]:
+    """‖f_i‖₂ per filter (dim-0 slice) of each tensor with ndim ≥ 2; |w| for ndim ≤ 1."""
+    return resolve(backend, tensors).filter_norms(list(tensors))
+
+
+def scaled_grad_sq_sum(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    *,
+    adaptive: str | None = None,
+    etas: FloatOrSeq = 0.01,
+    backend: str = "auto",
+) -> Tensor:
+    """Σ over all tensors of (t ⊙ g)², t = 1 (SAM), |w| + η or ‖f_i‖ + η (ASAM)."""
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    impl = resolve(backend, params, grads)
+    return impl.scaled_grad_sq_sum(
+        list(params), list(grads), etas=_per_tensor(etas, len(grads), "etas"), adaptive=adaptive
+    )
+
+
+def _finite_inverse_norm(sq_sum: Tensor) -> tuple[Tensor, Tensor]:
+    """(1/(√sq + 1e-12) or 0 when sq is non-finite, the non-finite flag)."""
+    finite = torch.isfinite(sq_sum)
+    inverse = 1.0 / (torch.sqrt(sq_sum) + NORM_GUARD)
+    return torch.where(finite, inverse, torch.zeros_like(inverse)), ~finite
+
+
+def sam_scales(sq_sum: Tensor, rhos: Sequence[float], *, p: float = 2) -> tuple[list[Tensor], Tensor]:
+    """Per-tensor device scales s and the skip flag.
+
+    p = 2: s = ρ / (‖t⊙g‖₂ + 1e-12); p = ∞: s = ρ. Every s is 0 when the norm is
+    non-finite (the step is skipped). Tensors with the same ρ share one scale
+    tensor, which lets backends batch them.
+    """
+    inverse, skipped = _finite_inverse_norm(sq_sum)
+    unit = inverse if p == 2 else (~skipped).to(sq_sum.dtype)
+    shared = {rho: unit * rho for rho in dict.fromkeys(rhos)}
+    return [shared[rho] for rho in rhos], skipped
+
+
+def perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    scales: Sequence[Tensor],
+    *,
+    adaptive: str | None = None,
+    etas: FloatOrSeq = 0.01,
+    p: float = 2,
+    backend: str = "auto",
+) -> None:
+    """saved ← w; w ← w + ε, ε = s · t² ⊙ g (p = 2) or s · t ⊙ sign(g) (p = ∞)."""
+    if not params:
+        return
+    impl = resolve(backend, params, grads, saved)
+    impl.perturb_(
+        list(params), list(grads), list(saved), list(scales),
+        etas=_per_tensor(etas, len(params), "etas"), adaptive=adaptive, p=p,
+    )
+
+
+def restore_(params: Sequence[Tensor], saved: Sequence[Tensor], *, backend: str = "auto") -> None:
+    """w ← saved, bit-exactly."""
+    if params:
+        resolve(backend, params, saved).restore_(list(params), list(saved))
+
+
+def add_noise_(
+    params: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    *,
+    gammas: FloatOrSeq,
+    seed: int,
+    tensor_indices: Sequence[int],
+    step: int,
+    backend: str = "auto",
+) -> None:
+    """saved ← w; w ← ŵ = w + δ₀, δ₀ ~ N(0, σ_i²), σ_i = γ‖w_i‖/√n_i (Philox stream)."""
+    if params:
+        resolve(backend, params, saved).add_noise_(
+            list(params), list(saved), gammas=_per_tensor(gammas, len(params), "gammas"),
+            seed=seed, tensor_indices=list(tensor_indices), step=step,
+        )
+
+
+def noise_grad_sums(
+    grads: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    *,
+    gammas: FloatOrSeq,
+    lams: FloatOrSeq,
+    seed: int,
+    tensor_indices: Sequence[int],
+    step: int,
+    backend: str = "auto",
+) -> Tensor:
+    """(Σ δ₀², Σ g², Σ λ δ₀·g, Σ λ² g²), δ₀ regenerated from the saved (pre-noise) weights."""
+    if not grads:
+        return torch.zeros(4, dtype=torch.float32)
+    return resolve(backend, grads, saved).noise_grad_sums(
+        list(grads), list(saved),
+        gammas=_per_tensor(gammas, len(grads), "gammas"), lams=_per_tensor(lams, len(grads), "lams"),
+        seed=seed, tensor_indices=list(tensor_indices), step=step,
+    )
+
+
+def rsam_coefficients(
+    sums: Tensor, rhos: Sequence[float], lams: Sequence[float]
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Per-tensor (a, b) with ε = a·δ₀ + b·g = ρ · d / (‖d‖ + 1e-12), and the skip flag.
+
+    d = δ₀/(‖δ₀‖ + 1e-12) + λ · g/(‖g‖ + 1e-12), so with A = 1/(‖δ₀‖+1e-12) and
+    B = 1/(‖g‖+1e-12): ‖d‖² = A²Σδ₀² + 2AB·Σλδ₀g + B²·Σλ²g², a = ρA/(‖d‖+1e-12),
+    b = ρλB/(‖d‖+1e-12). All zero when any sum is non-finite.
+    """
+    noise_sq, grad_sq, lam_dot, lam_sq_grad_sq = sums.unbind()
+    inv_noise, _ = _finite_inverse_norm(noise_sq)
+    inv_grad, _ = _finite_inverse_norm(grad_sq)
+    d_sq = inv_noise**2 * noise_sq + 2 * inv_noise * inv_grad * lam_dot + inv_grad**2 * lam_sq_grad_sq
+    inv_d = 1.0 / (torch.sqrt(torch.clamp(d_sq, min=0)) + NORM_GUARD)
+    skipped = ~torch.isfinite(sums).all()
+    zero = torch.zeros_like(inv_d)
+    noise_unit = torch.where(skipped, zero, inv_noise * inv_d)
+    grad_unit = torch.where(skipped, zero, inv_grad * inv_d)
+    shared = {(rho, lam): (noise_unit * rho, grad_unit * (rho * lam)) for rho, lam in dict.fromkeys(zip(rhos, lams))}
+    noise_coefs = [shared[key][0] for key in zip(rhos, lams)]
+    grad_coefs = [shared[key][1] for key in zip(rhos, lams)]
+    return noise_coefs, grad_coefs, skipped
+
+
+def mix_perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    noise_coefs: Sequence[Tensor],
+    grad_coefs: Sequence[Tensor],
+    *,
+    gammas: FloatOrSeq,
+    seed: int,
+    tensor_indices: Sequence[int],
+    step: int,
+    backend: str = "auto",
+) -> None:
+    """w ← saved + a·δ₀ + b·g (R-SAM's projected, λ-mixed perturbation from the saved weights)."""
+    if params:
+        resolve(backend, params, grads, saved).mix_perturb_(
+            list(params), list(grads), list(saved), list(noise_coefs), list(grad_coefs),
+            gammas=_per_tensor(gammas, len(params), "gammas"), seed=seed,
+            tensor_indices=list(tensor_indices), step=step,
+        )

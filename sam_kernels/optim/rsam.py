@@ -1,0 +1,123 @@
+"""R-SAM: random-smoothing-based SAM (Liu et al. 2022)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .. import functional as F
+from .._validation import check_seed
+from .base import SharpnessAwareOptimizer
+
+
+class RSAM(SharpnessAwareOptimizer):
+    r"""Random Sharpness-Aware Minimization.
+
+    One step (DESIGN.md §1–2):
+
+    1. :meth:`noise_step` (before the first forward): save w, set
+       ŵ = w + δ₀ with δ₀ ~ N(0, σ_i² I), σ_i = γ · ‖w_i‖₂ / √n_i per filter i
+       (ndim ≤ 1: σ = γ|w|). δ₀ comes from the Philox stream keyed by ``seed``
+       and is regenerated, never stored.
+    2. forward/backward at ŵ → g.
+    3. :meth:`first_step`: d = δ₀/‖δ₀‖ + λ · g/‖g‖ (global norms),
+       ε = ρ · d / ‖d‖, w ← w_saved + ε.
+    4. forward/backward at w + ε.
+    5. :meth:`second_step`: restore w, base optimizer step.
+
+    γ = 0 is exactly SAM; λ = 0 is the pure noise direction; λ → ∞ is SAM's
+    direction taken at ŵ. ``rho``, ``gamma`` and ``lam`` may be set per param
+    group. ``seed`` (64-bit; drawn from torch's default generator when None)
+    and the step counter are saved by :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        gamma: float = 0.1,
+        lam: float = 1.0,
+        seed: int | None = None,
+        *,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        if seed is None:
+            # Drawn once, at construction, from torch's default generator (so torch.manual_seed fixes it).
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        self._seed = check_seed(seed)
+        self._step = 0
+        super().__init__(
+            params, base_optimizer, {"rho": rho, "gamma": gamma, "lam": lam}, backend=backend, **base_kwargs
+        )
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def noise_step_count(self) -> int:
+        """R-SAM steps completed so far: the ``s`` of the noise stream's counter."""
+        return self._step
+
+    def _stream(self, selection) -> dict[str, Any]:
+        return {
+            "gammas": selection.per_tensor("gamma"),
+            "seed": self._seed,
+            "tensor_indices": selection.tensor_indices,
+            "step": self._step,
+            "backend": self._backend,
+        }
+
+    @torch.no_grad()
+    def noise_step(self) -> None:
+        """Before the first forward: save w and move every trainable param to ŵ = w + δ₀."""
+        self._expect("idle", "noise_step()", "call second_step() to finish the previous step, or restore()")
+        selection = self._select(needs_grad=False)
+        F.add_noise_(selection.params, self._saved_copies(selection.params), **self._stream(selection))
+        self._perturbed = selection
+        self._phase = "noised"
+
+    def _before_first_forward(self) -> None:
+        self.noise_step()
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """After the backward at ŵ: move to w_saved + ε, ε = ρ·d/‖d‖, d = δ₀/‖δ₀‖ + λ·g/‖g‖."""
+        self._expect("noised", "first_step()", "call noise_step() before the first forward pass")
+        noised = self._perturbed
+        with_grad = self._select(needs_grad=True)
+        has_grad = {id(p) for p in with_grad.params}
+        keep = [id(p) in has_grad for p in noised.params]
+        # Trainable params that got no gradient take no part in this step: undo their noise now.
+        dropped = noised.subset([not k for k in keep])
+        F.restore_(dropped.params, self._saved_copies(dropped.params), backend=self._backend)
+        selection = noised.subset(keep)
+        params, grads = selection.params, selection.grads
+        saved = self._saved_copies(params)
+        if params:
+            stream = self._stream(selection)
+            sums = F.noise_grad_sums(grads, saved, lams=selection.per_tensor("lam"), **stream)
+            noise_coefs, grad_coefs, skipped = F.rsam_coefficients(
+                sums, selection.per_tensor("rho"), selection.per_tensor("lam")
+            )
+            F.mix_perturb_(params, grads, saved, noise_coefs, grad_coefs, **stream)
+            self._record_skip(skipped, params[0].device)
+        self._perturbed = selection
+        self._phase = "perturbed"
+        if zero_grad:
+            self.zero_grad()
+
+    def _after_second_step(self) -> None:
+        self._step += 1
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "seed": self._seed, "step": self._step}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self._seed = check_seed(int(extra["seed"]))
+        self._step = int(extra["step"])

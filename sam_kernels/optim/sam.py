@@ -1,0 +1,123 @@
+"""SAM (Foret et al. 2020) and ASAM (Kwon et al. 2021)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .. import functional as F
+from .._validation import check_granularity, check_p
+from .base import SharpnessAwareOptimizer
+
+
+class SAM(SharpnessAwareOptimizer):
+    r"""Sharpness-Aware Minimization.
+
+    After the first backward (gradient g at w) :meth:`first_step` moves to
+    w + ε with ε = ρ · g / (‖g‖₂ + 1e-12), the norm taken over every parameter
+    that has a gradient, across all param groups (ρ may differ per group).
+    After the second backward, :meth:`second_step` restores w bit-exactly and
+    the base optimizer steps with the gradient taken at w + ε.
+
+    Args:
+        params: parameters or param-group dicts (``rho`` may be set per group).
+        base_optimizer: a ``torch.optim.Optimizer`` class (its kwargs follow as
+            ``**base_kwargs``) or an instance built over the same parameters.
+        rho: radius ρ of the neighbourhood (≥ 0).
+        backend: ``"auto"``, ``"reference"``, ``"foreach"`` (and the fused
+            backends when available): see :func:`sam_kernels.available_backends`.
+    """
+
+    _adaptive: str | None = None
+    _p: float = 2.0
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.05,
+        *,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(params, base_optimizer, {"rho": rho}, backend=backend, **base_kwargs)
+
+    def _etas(self, selection) -> list[float] | float:
+        return 0.0
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Save w and move to w + ε, ε computed from the gradients now in ``.grad``."""
+        self._expect("idle", "first_step()", "call second_step() to finish the previous step, or restore()")
+        selection = self._select(needs_grad=True)
+        saved = self._saved_copies(selection.params)
+        grads = selection.grads
+        etas = self._etas(selection)
+        if selection.params:
+            sq_sum = F.scaled_grad_sq_sum(
+                selection.params, grads, adaptive=self._adaptive, etas=etas, backend=self._backend
+            )
+            scales, skipped = F.sam_scales(sq_sum, selection.per_tensor("rho"), p=self._p)
+            F.perturb_(
+                selection.params, grads, saved, scales,
+                adaptive=self._adaptive, etas=etas, p=self._p, backend=self._backend,
+            )
+            self._record_skip(skipped, selection.params[0].device)
+        self._perturbed = selection
+        self._phase = "perturbed"
+        if zero_grad:
+            self.zero_grad()
+
+
+class ASAM(SAM):
+    r"""Adaptive SAM: sharpness measured in a scale-invariant neighbourhood.
+
+    With t = |w| + η (``granularity="element"``) or t = ‖f_i‖₂ + η for every
+    weight of filter i (``granularity="filter"``; tensors with ndim ≤ 1 use
+    the element-wise t):
+
+    * p = 2: ε = ρ · t² ⊙ g / (‖t ⊙ g‖₂ + 1e-12), so ‖t⁻¹ ⊙ ε‖₂ = ρ;
+    * p = ∞: ε = ρ · t ⊙ sign(g), so max |t⁻¹ ⊙ ε| = ρ.
+
+    ``rho`` and ``eta`` may be set per param group; ``p`` and ``granularity``
+    hold for the whole optimizer.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.5,
+        eta: float = 0.01,
+        p: float = 2,
+        granularity: str = "element",
+        *,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        self._p = check_p(p)
+        self._adaptive = check_granularity(granularity)
+        SharpnessAwareOptimizer.__init__(
+            self, params, base_optimizer, {"rho": rho, "eta": eta}, backend=backend, **base_kwargs
+        )
+
+    @property
+    def p(self) -> float:
+        return self._p
+
+    @property
+    def granularity(self) -> str:
+        return self._adaptive  # type: ignore[return-value]
+
+    def _etas(self, selection) -> list[float]:
+        return selection.per_tensor("eta")
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {**super()._extra_state(), "p": self._p, "granularity": self._adaptive}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self._p = check_p(extra.get("p", self._p))
+        self._adaptive = check_granularity(extra.get("granularity", self._adaptive))
