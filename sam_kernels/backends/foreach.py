@@ -7,9 +7,10 @@ tensor: per-filter norms (a reduction over dim ≥ 1), broadcasting a
 per-filter value over its filter, and zeroing non-finite ε elements. The R-SAM
 noise stream is generated for all tensors of a call in one batched pass.
 
-Arithmetic runs in the parameters' dtype (torch's foreach kernels compute
-each op in float32 and round its result); reductions accumulate in float32
-(float64 for float64 tensors).
+Arithmetic runs in float32 (float64 for float64 tensors), as DESIGN.md §2
+asks: bfloat16/float16 inputs are upcast once per call (a per-tensor cast,
+the price of having no foreach cast), and the result is rounded once when it
+is added to the parameter.
 """
 
 from __future__ import annotations
@@ -68,13 +69,18 @@ def _zero_non_finite_(tensors: Sequence[Tensor]) -> None:
         torch.nan_to_num_(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _scales_in_native_dtype(params: Sequence[Tensor], etas: Sequence[float], adaptive: str | None) -> list[Tensor]:
-    """ASAM's t per tensor, in each parameter's dtype (filter-wise: broadcast per tensor)."""
+def _in_accumulation_dtype(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The tensors themselves when float32/float64, float32 copies of half-precision ones."""
+    return [x if x.dtype == accumulation_dtype(x.dtype) else x.float() for x in tensors]
+
+
+def _asam_scales(params: Sequence[Tensor], etas: Sequence[float], adaptive: str | None) -> list[Tensor]:
+    """ASAM's t per tensor in the accumulation dtype (filter-wise: broadcast per tensor)."""
     if adaptive == "element":
-        t = torch._foreach_abs(list(params))
+        t = torch._foreach_abs(_in_accumulation_dtype(params))
         torch._foreach_add_(t, list(etas))
         return t
-    return [asam_scale(w, eta, adaptive).to(w.dtype) for w, eta in zip(params, etas)]
+    return [asam_scale(w, eta, adaptive) for w, eta in zip(params, etas)]
 
 
 def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -86,8 +92,8 @@ def scaled_grad_sq_sum(
 ) -> Tensor:
     if adaptive is None:
         return _sum_of_squares(grads)
-    t = _scales_in_native_dtype(params, etas, adaptive)
-    return _sum_of_squares(torch._foreach_mul(t, list(grads)))
+    t = _asam_scales(params, etas, adaptive)
+    return _sum_of_squares(torch._foreach_mul(t, _in_accumulation_dtype(grads)))
 
 
 def perturb_(
@@ -102,9 +108,8 @@ def perturb_(
 ) -> None:
     params, grads, saved = list(params), list(grads), list(saved)
     torch._foreach_copy_(saved, params)
-    t = None if adaptive is None else _scales_in_native_dtype(params, etas, adaptive)
-    # ε is built as (scale·g)·t·t (p = 2) or (scale·sign g)·t (p = ∞): normalising
-    # first keeps float16 intermediates in range.
+    t = None if adaptive is None else _asam_scales(params, etas, adaptive)
+    grads = _in_accumulation_dtype(grads)
     direction = torch._foreach_sign(grads) if p != 2 else grads
     eps: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
     for (dtype, _), positions in _buckets([(g.dtype, id(s)) for g, s in zip(grads, scales)]).items():

@@ -42,7 +42,7 @@ def filter_norm(w: Tensor) -> Tensor:
     w = _acc(w)
     if w.dim() <= 1:
         return w.abs()
-    return torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1)
+    return torch.linalg.vector_norm(w.flatten(1), dim=1)
 
 
 def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -73,7 +73,7 @@ def noise_std(w_saved: Tensor, gamma: float) -> Tensor:
     w_saved = _acc(w_saved)
     if w_saved.dim() <= 1:
         return gamma * w_saved.abs()
-    filter_size = w_saved[0].numel() if w_saved.shape[0] else 1
+    filter_size = math.prod(w_saved.shape[1:])
     sigma = gamma * filter_norm(w_saved) / math.sqrt(filter_size)
     return _broadcast_per_filter(sigma, w_saved)
 

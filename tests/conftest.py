@@ -1,0 +1,33 @@
+"""Shared fixtures. Inputs are random and fresh every run; the seed is printed in
+the header and can be fixed with SAM_KERNELS_TEST_SEED to reproduce a failure."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+_SEED = int(os.environ.get("SAM_KERNELS_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"sam_kernels test seed: {_SEED} (set SAM_KERNELS_TEST_SEED={_SEED} to reproduce)"
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything(request):
+    # A per-test seed derived from the run seed and the test id: fresh each run,
+    # independent of test order.
+    torch.manual_seed((_SEED + hash(request.node.nodeid)) % 2**63)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

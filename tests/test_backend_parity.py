@@ -1,0 +1,125 @@
+"""Every backend against the reference, for every optimizer, variant and dtype.
+
+Parameter lists mix conv, linear, bias, 1-element, 0-d, empty, huge-filter,
+oddly shaped and non-contiguous tensors, a frozen param and two param groups
+with different ρ. Inputs are fresh random values each run.
+"""
+
+import pytest
+import torch
+
+import sam_kernels
+from sam_kernels import functional as F
+from helpers import (
+    FLOAT_DTYPES,
+    VARIANT_IDS,
+    VARIANTS,
+    all_params,
+    clone_groups,
+    fill_random_grads,
+    first_step_of,
+    make_params,
+)
+
+BACKENDS_UNDER_TEST = ["foreach"]
+
+# Relative tolerance in units of the dtype's rounding: a fused backend may round
+# intermediate results differently, so final weights may differ by a couple of ulps.
+_REL = {torch.float64: 1e-12, torch.float32: 4e-6, torch.bfloat16: 2**-7, torch.float16: 2**-9}
+
+
+def assert_weights_close(actual, expected, before, dtype):
+    """|actual − expected| ≤ rel·(|w| + |ε|) elementwise; NaN or Inf never passes."""
+    actual, expected, before = actual.double(), expected.double(), before.double()
+    assert torch.isfinite(actual).all() and torch.isfinite(expected).all()
+    bound = _REL[dtype] * (before.abs() + (expected - before).abs()) + 1e-30
+    excess = (actual - expected).abs() - bound
+    assert (excess <= 0).all(), f"max excess {float(excess.max()):.3g} over the {dtype} tolerance"
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("optimizer_cls,kwargs,_id", VARIANTS, ids=VARIANT_IDS)
+def test_optimizer_steps_match_reference(optimizer_cls, kwargs, _id, dtype, backend):
+    groups_ref = make_params(dtype)
+    groups_new = clone_groups(groups_ref)
+    extra = {"seed": 7} if optimizer_cls is sam_kernels.RSAM else {}
+    opt_ref = optimizer_cls(groups_ref, torch.optim.SGD, lr=0.1, momentum=0.9, backend="reference", **extra, **kwargs)
+    opt_new = optimizer_cls(groups_new, torch.optim.SGD, lr=0.1, momentum=0.9, backend=backend, **extra, **kwargs)
+
+    for _ in range(3):  # several steps: R-SAM's step counter and momentum take part
+        _same_random_grads(groups_ref, groups_new)
+        before = [p.detach().clone() for p in all_params(groups_ref)]
+        first_step_of(opt_ref)
+        first_step_of(opt_new)
+        moved = sum(not torch.equal(p, b) for p, b in zip(all_params(groups_ref), before))
+        assert moved > 0
+        for p_ref, p_new, b in zip(all_params(groups_ref), all_params(groups_new), before):
+            assert p_new.dtype == p_ref.dtype and p_new.shape == p_ref.shape
+            assert_weights_close(p_new.detach(), p_ref.detach(), b, dtype)
+        # The second pass sees the same gradients on both sides.
+        _same_random_grads(groups_ref, groups_new)
+        opt_ref.second_step()
+        opt_new.second_step()
+        for p_ref, p_new in zip(all_params(groups_ref), all_params(groups_new)):
+            torch.testing.assert_close(p_new.detach().double(), p_ref.detach().double(),
+                                       rtol=4 * _REL[dtype], atol=4 * _REL[dtype])
+
+
+def _same_random_grads(groups_ref, groups_new):
+    fill_random_grads(groups_ref)
+    for p_ref, p_new in zip(all_params(groups_ref), all_params(groups_new)):
+        p_new.grad = None if p_ref.grad is None else p_ref.grad.clone(memory_format=torch.preserve_format)
+
+
+def _random_lists(dtype):
+    params = [p for p in all_params(make_params(dtype)) if p.requires_grad]
+    grads = [torch.randn(p.shape, dtype=torch.float64).to(dtype) for p in params]
+    return [p.detach() for p in params], grads
+
+
+_SUM_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("adaptive", [None, "element", "filter"])
+def test_scaled_grad_sq_sum_matches_reference(adaptive, dtype, backend):
+    params, grads = _random_lists(dtype)
+    etas = [0.01 * (i + 1) for i in range(len(params))]
+    expected = F.scaled_grad_sq_sum(params, grads, adaptive=adaptive, etas=etas, backend="reference")
+    actual = F.scaled_grad_sq_sum(params, grads, adaptive=adaptive, etas=etas, backend=backend)
+    assert float(expected) > 0
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=_SUM_RTOL[dtype], atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_noise_grad_sums_match_reference(dtype, backend):
+    params, grads = _random_lists(dtype)
+    stream = dict(gammas=[0.1 + 0.05 * i for i in range(len(params))], seed=2**63 + 5,
+                  tensor_indices=list(range(3, 3 + len(params))), step=4)
+    lams = [0.5 + i for i in range(len(params))]
+    expected = F.noise_grad_sums(grads, params, lams=lams, backend="reference", **stream)
+    actual = F.noise_grad_sums(grads, params, lams=lams, backend=backend, **stream)
+    assert torch.isfinite(expected).all() and float(expected[0]) > 0 and float(expected[1]) > 0
+    # Σ λ δ₀·g is a sum of mixed signs: compare it against the scale of its terms.
+    scale = (expected[0] * expected[3]).sqrt()
+    torch.testing.assert_close(actual[[0, 1, 3]].double(), expected[[0, 1, 3]].double(), rtol=_SUM_RTOL[dtype], atol=0)
+    assert abs(float(actual[2] - expected[2])) <= _SUM_RTOL[dtype] * float(scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_filter_norms_match_reference(backend):
+    params, _ = _random_lists(torch.float32)
+    for actual, expected in zip(F.filter_norms(params, backend=backend), F.filter_norms(params, backend="reference")):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_auto_backend_is_registered_and_resolves():
+    status = sam_kernels.available_backends()
+    assert status["reference"] is None and status["foreach"] is None
+    for name in ("triton", "cuda", "cpp"):
+        assert name in status
+    impl = F.resolve("auto", [torch.zeros(1)])
+    assert impl.NAME == "foreach"
