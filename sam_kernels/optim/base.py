@@ -68,7 +68,9 @@ class SharpnessAwareOptimizer(Optimizer):
         self._backend = check_backend(backend)
         self._own_defaults = {key: check_non_negative(key, value) for key, value in defaults.items()}
         params = list(params)
-        super().__init__(params, dict(self._own_defaults))
+        # Optimizer.__init__ fills defaults into group dicts: give it copies so the
+        # caller's dicts keep saying which keys were set explicitly.
+        super().__init__([dict(g) if isinstance(g, dict) else g for g in params], dict(self._own_defaults))
         if isinstance(base_optimizer, Optimizer):
             if base_kwargs:
                 raise ValueError(
