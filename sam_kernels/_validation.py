@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from numbers import Real
 
 import torch
@@ -41,13 +42,12 @@ def check_seed(seed) -> int:
     return seed
 
 
-def check_gradients(named: list[tuple[str, torch.Tensor]], owner: str) -> None:
+def check_gradients(params: list[torch.Tensor], name_of: Callable[[int], str], owner: str) -> None:
     """Sparse gradients and mixed devices (torch itself forbids a .grad of another device or shape)."""
     devices = set()
-    for name, param in named:
-        grad = param.grad
-        if grad.is_sparse:
-            raise RuntimeError(f"{owner} does not support sparse gradients ({name})")
+    for i, param in enumerate(params):
+        if param.grad.is_sparse:
+            raise RuntimeError(f"{owner} does not support sparse gradients ({name_of(i)})")
         devices.add(param.device)
     check_single_device(devices, owner)
 

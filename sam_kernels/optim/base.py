@@ -35,7 +35,8 @@ class ParamSelection:
     """The parameters taking part in a step, with what each needs, in the optimizer's stable order."""
 
     params: list[Tensor] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
+    # (group number, position in the group) of each param, for error messages.
+    positions: list[tuple[int, int]] = field(default_factory=list)
     groups: list[dict] = field(default_factory=list)
     # Position of each param among *all* params of all groups, frozen ones too:
     # the tensor number j of the R-SAM noise stream.
@@ -50,7 +51,11 @@ class ParamSelection:
 
     def subset(self, keep: list[bool]) -> "ParamSelection":
         pick = lambda items: [x for x, k in zip(items, keep) if k]  # noqa: E731
-        return ParamSelection(pick(self.params), pick(self.names), pick(self.groups), pick(self.tensor_indices))
+        return ParamSelection(pick(self.params), pick(self.positions), pick(self.groups), pick(self.tensor_indices))
+
+    def name(self, i: int) -> str:
+        group_number, param_number = self.positions[i]
+        return f"param_groups[{group_number}]['params'][{param_number}]"
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -164,13 +169,13 @@ class SharpnessAwareOptimizer(Optimizer):
                 takes_part = param.grad is not None if needs_grad else param.requires_grad
                 if takes_part:
                     selection.params.append(param)
-                    selection.names.append(f"param_groups[{group_number}]['params'][{param_number}]")
+                    selection.positions.append((group_number, param_number))
                     selection.groups.append(group)
                     selection.tensor_indices.append(index)
                 index += 1
         owner = type(self).__name__
         if needs_grad:
-            check_gradients(list(zip(selection.names, selection.params)), owner)
+            check_gradients(selection.params, selection.name, owner)
         else:
             check_single_device({p.device for p in selection.params}, owner)
         return selection
