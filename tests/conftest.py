@@ -6,8 +6,14 @@ from __future__ import annotations
 import os
 import random
 
-import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU through the interpreter; it must be on
+    # before any kernel is defined, i.e. before sam_kernels' Triton backend loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 _SEED = int(os.environ.get("SAM_KERNELS_TEST_SEED", random.SystemRandom().randrange(2**31)))
 

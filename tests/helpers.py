@@ -21,6 +21,14 @@ VARIANTS = [
 ]
 VARIANT_IDS = [v[2] for v in VARIANTS]
 
+def _usable(name: str) -> bool:
+    return sam_kernels.available_backends()[name] is None
+
+
+# Every backend that can run here besides the reference, and all of them.
+FAST_BACKENDS = ["foreach"] + [name for name in ("triton", "cuda", "cpp") if _usable(name)]
+BACKENDS = ["reference"] + FAST_BACKENDS
+
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 

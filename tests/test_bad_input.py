@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 import sam_kernels
-from helpers import VARIANT_IDS, VARIANTS, all_params, fill_random_grads, first_step_of, make_params
+from helpers import BACKENDS, VARIANT_IDS, VARIANTS, all_params, fill_random_grads, first_step_of, make_params
 
-BACKENDS = ["reference", "foreach"]
 
 
 def _params():

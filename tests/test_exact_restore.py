@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from helpers import FLOAT_DTYPES, VARIANT_IDS, VARIANTS, all_params, fill_random_grads, first_step_of, make_params
+from helpers import BACKENDS, FLOAT_DTYPES, VARIANT_IDS, VARIANTS, all_params, fill_random_grads, first_step_of, make_params
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("optimizer_cls,kwargs,_id", VARIANTS, ids=VARIANT_IDS)
 def test_weights_bit_identical_after_a_step_with_zero_lr(optimizer_cls, kwargs, _id, dtype, backend):
@@ -23,7 +23,7 @@ def test_weights_bit_identical_after_a_step_with_zero_lr(optimizer_cls, kwargs, 
         assert p.stride() == b.stride()
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("optimizer_cls,kwargs,_id", VARIANTS, ids=VARIANT_IDS)
 def test_restore_undoes_the_perturbation_without_stepping(optimizer_cls, kwargs, _id, backend):
     groups = make_params(torch.float32)

@@ -7,6 +7,7 @@ import torch
 
 from sam_kernels import functional as F
 from sam_kernels import noise
+from helpers import BACKENDS
 
 # Known-answer vectors of Random123's kat_vectors for philox4x32_10.
 PHILOX_KAT = [
@@ -98,7 +99,7 @@ def test_stream_is_standard_normal():
     assert float((z.abs() > 2).double().mean()) == pytest.approx(0.0455, abs=0.003)
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_noise_std_per_filter_matches_sigma(backend):
     gamma = 0.1
     filter_scales = torch.tensor([0.5, 1.0, 3.0, 10.0], dtype=torch.float64)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import sam_kernels
-from helpers import VARIANT_IDS, VARIANTS
+from helpers import BACKENDS, VARIANT_IDS, VARIANTS
 
 
 def _model():
@@ -135,7 +135,7 @@ def test_add_param_group_reaches_the_base_optimizer_with_defaults():
     assert not torch.equal(second.weight, before)
 
 
-@pytest.mark.parametrize("backend", ["reference", "foreach"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_per_group_rho_scales_each_group_of_one_global_norm(backend):
     a, b = nn.Parameter(torch.randn(4, 3, dtype=torch.float64)), nn.Parameter(torch.randn(5, dtype=torch.float64))
     a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)

@@ -11,9 +11,8 @@ import torch
 from torch import nn
 
 import sam_kernels
-from helpers import TwoLayerReLU, all_params, fill_random_grads, make_params
+from helpers import BACKENDS, TwoLayerReLU, all_params, fill_random_grads, make_params
 
-BACKENDS = ["reference", "foreach"]
 
 
 def _trainable(groups):

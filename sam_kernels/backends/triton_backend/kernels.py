@@ -1,0 +1,256 @@
+"""Triton kernels over tiled tensor lists (DESIGN.md §2–§4).
+
+Every kernel takes a *tile table*: program ``i`` works on ``BLOCK`` elements
+of tensor ``tile_tensor[i]`` starting at element ``tile_start[i]`` (a multiple
+of ``BLOCK``, int64). Per-tensor metadata is indexed by that slot:
+
+* ``w_ptrs``, ``g_ptrs``, ``s_ptrs``: int64 addresses of the weight, gradient
+  and saved copy (all contiguous, of the bucket's dtypes);
+* ``numels``: elements of the tensor (int64);
+* ``fsizes``: elements per filter (``numel / size(0)`` for ndim ≥ 2, 0 for
+  ndim ≤ 1, whose elements are their own groups);
+* ``fnorm_offs``: where the tensor's filter norms start in ``fnorms``.
+
+Reductions write one partial per tile (fixed slots) that the host side sums
+in a fixed order, so results are bit-reproducible. Arithmetic is in ``ACC``
+(float32, or float64 for float64 tensors).
+
+Modes of the ASAM scale t: 0 = SAM (t ≡ 1), 1 = element-wise |w| + η,
+2 = filter-wise ‖f_i‖ + η (element-wise for ndim ≤ 1 tensors).
+"""
+
+import triton
+import triton.language as tl
+
+MODE_SAM = 0
+MODE_ELEMENT = 1
+MODE_FILTER = 2
+
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+TWO_PI_F32 = tl.constexpr(6.2831854820251465)  # float32(2π)
+NOISE_SCALARS = ["key0", "key1", "step"]  # never specialised: any value, one compiled kernel
+
+
+@triton.jit
+def _tile(tile_tensor, tile_start, numels, BLOCK: tl.constexpr):
+    """Slot of this program's tensor, its element offsets (int64) and the in-bounds mask."""
+    pid = tl.program_id(0)
+    slot = tl.load(tile_tensor + pid)
+    start = tl.load(tile_start + pid)
+    offsets = start + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offsets < tl.load(numels + slot)
+    return pid, slot, start, offsets, mask
+
+
+@triton.jit
+def _ptr(ptrs, slot, dtype: tl.constexpr):
+    return tl.load(ptrs + slot).to(tl.pointer_type(dtype))
+
+
+@triton.jit
+def _filter_value(w, offsets, mask, slot, fsizes, fnorm_offs, fnorms):
+    """‖f_i‖ of each element's filter (ndim ≥ 2) or |w| (ndim ≤ 1), in w's dtype."""
+    fsize = tl.load(fsizes + slot)
+    has_filters = fsize > 0
+    filter_index = offsets // tl.maximum(fsize, 1)
+    norm = tl.load(fnorms + tl.load(fnorm_offs + slot) + filter_index, mask=mask & has_filters, other=0.0)
+    return tl.where(has_filters, norm.to(w.dtype), tl.abs(w))
+
+
+@triton.jit
+def _asam_scale(w, offsets, mask, slot, etas, fsizes, fnorm_offs, fnorms, MODE: tl.constexpr):
+    if MODE == 0:
+        t = tl.full(w.shape, 1.0, w.dtype)
+    elif MODE == 1:
+        t = tl.abs(w) + tl.load(etas + slot).to(w.dtype)
+    else:
+        t = _filter_value(w, offsets, mask, slot, fsizes, fnorm_offs, fnorms) + tl.load(etas + slot).to(w.dtype)
+    return t
+
+
+@triton.jit
+def filter_norm_kernel(
+    ftile_tensor, ftile_row, w_ptrs, fsizes, n_filters, fnorm_offs, fnorms,
+    W_DTYPE: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+):
+    """fnorms[off + r] = ‖w[r]‖₂ for ROWS filters of one tensor per program (fixed-order loop)."""
+    pid = tl.program_id(0)
+    slot = tl.load(ftile_tensor + pid)
+    rows = tl.load(ftile_row + pid) + tl.arange(0, ROWS).to(tl.int64)
+    fsize = tl.load(fsizes + slot)
+    row_mask = rows < tl.load(n_filters + slot)
+    w = _ptr(w_ptrs, slot, W_DTYPE)
+    acc = tl.zeros([ROWS, COLS], ACC)
+    cols = tl.arange(0, COLS).to(tl.int64)
+    for col in range(0, fsize, COLS):
+        c = col + cols
+        m = row_mask[:, None] & (c < fsize)[None, :]
+        x = tl.load(w + rows[:, None] * fsize + c[None, :], mask=m, other=0.0).to(ACC)
+        acc += x * x
+    tl.store(fnorms + tl.load(fnorm_offs + slot) + rows, tl.sqrt(tl.sum(acc, axis=1)), mask=row_mask)
+
+
+@triton.jit
+def scaled_grad_sq_sum_kernel(
+    tile_tensor, tile_start, w_ptrs, g_ptrs, numels, etas, fsizes, fnorm_offs, fnorms, partials,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """partials[tile] = Σ (t·g)² over the tile."""
+    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
+    g = tl.load(_ptr(g_ptrs, slot, G_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
+    if MODE == 0:
+        tg = g
+    else:
+        w = tl.load(_ptr(w_ptrs, slot, W_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
+        tg = _asam_scale(w, offsets, mask, slot, etas, fsizes, fnorm_offs, fnorms, MODE) * g
+    tl.store(partials + pid, tl.sum(tg * tg, axis=0))
+
+
+@triton.jit
+def perturb_kernel(
+    tile_tensor, tile_start, w_ptrs, g_ptrs, s_ptrs, numels, etas, fsizes, fnorm_offs, fnorms,
+    scale_slots, scales,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr,
+    P_INF: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """saved ← w; w ← w + ε, ε = s·t²·g (p = 2) or s·t·sign(g) (p = ∞); non-finite ε → 0."""
+    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
+    w_ptr = _ptr(w_ptrs, slot, W_DTYPE)
+    w_raw = tl.load(w_ptr + offsets, mask=mask, other=0.0)
+    tl.store(_ptr(s_ptrs, slot, W_DTYPE) + offsets, w_raw, mask=mask)
+    w = w_raw.to(ACC)
+    g = tl.load(_ptr(g_ptrs, slot, G_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
+    scale = tl.load(scales + tl.load(scale_slots + slot)).to(ACC)
+    t = _asam_scale(w, offsets, mask, slot, etas, fsizes, fnorm_offs, fnorms, MODE)
+    if P_INF:
+        direction = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(ACC)
+        eps = scale * t * direction
+    else:
+        eps = scale * t * t * g
+    eps = tl.where(eps - eps == 0, eps, 0.0)  # x − x is 0 exactly when x is finite
+    tl.store(w_ptr + offsets, (w + eps).to(W_DTYPE), mask=mask)
+
+
+@triton.jit
+def restore_kernel(tile_tensor, tile_start, w_ptrs, s_ptrs, numels, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """w ← saved (bit-exact copy)."""
+    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
+    saved = tl.load(_ptr(s_ptrs, slot, W_DTYPE) + offsets, mask=mask)
+    tl.store(_ptr(w_ptrs, slot, W_DTYPE) + offsets, saved, mask=mask)
+
+
+# --------------------------------------------------------------------- noise
+@triton.jit
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint32 tensors: 10 rounds, key bumped by (W0, W1) between rounds."""
+    for _ in tl.static_range(10):
+        m0 = tl.full(c0.shape, PHILOX_M0, tl.uint32)
+        m1 = tl.full(c2.shape, PHILOX_M1, tl.uint32)
+        hi0 = tl.umulhi(m0, c0)
+        lo0 = m0 * c0
+        hi1 = tl.umulhi(m1, c2)
+        lo1 = m1 * c2
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + PHILOX_W0
+        k1 = k1 + PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _unit_float(x):
+    """((x >> 9) + 0.5) · 2⁻²³ in float32: exact, inside (0, 1)."""
+    return ((x >> 9).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+@triton.jit
+def _standard_normal(start, j, key0, key1, step, BLOCK: tl.constexpr):
+    """z for elements start … start + BLOCK − 1 of tensor j (start divisible by 4), float32."""
+    block = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    c0 = (block & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (block >> 32).to(tl.uint32)
+    c2 = tl.full(c0.shape, 0, tl.uint32) + j.to(tl.uint32)
+    c3 = tl.full(c0.shape, 0, tl.uint32) + step.to(tl.uint32)
+    k0 = key0.to(tl.uint32)
+    k1 = key1.to(tl.uint32)
+    x0, x1, x2, x3 = _philox4x32_10(c0, c1, c2, c3, k0, k1)
+    r01 = tl.sqrt(-2.0 * tl.log(_unit_float(x0)))
+    r23 = tl.sqrt(-2.0 * tl.log(_unit_float(x2)))
+    theta1 = TWO_PI_F32 * _unit_float(x1)
+    theta3 = TWO_PI_F32 * _unit_float(x3)
+    z0 = r01 * tl.cos(theta1)
+    z1 = r01 * tl.sin(theta1)
+    z2 = r23 * tl.cos(theta3)
+    z3 = r23 * tl.sin(theta3)
+    # Element 4c + k takes z_k: [c][m][n] with (m, n) = (0,0) z0, (0,1) z1, (1,0) z2, (1,1) z3.
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [BLOCK])
+
+
+@triton.jit
+def _initial_noise(saved, offsets, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+                   key0, key1, step, BLOCK: tl.constexpr):
+    """δ₀ = σ · z, σ = γ‖w_i‖/√n_i (ndim ≥ 2) or γ|w| (ndim ≤ 1), from the saved weights."""
+    z = _standard_normal(start, tl.load(tensor_indices + slot), key0, key1, step, BLOCK).to(saved.dtype)
+    fsize = tl.load(fsizes + slot)
+    inv_sqrt_n = tl.where(fsize > 0, 1.0 / tl.sqrt(tl.maximum(fsize, 1).to(tl.float32)), 1.0).to(saved.dtype)
+    sigma = tl.load(gammas + slot).to(saved.dtype) * _filter_value(saved, offsets, mask, slot, fsizes,
+                                                                    fnorm_offs, fnorms) * inv_sqrt_n
+    return sigma * z
+
+
+@triton.jit(do_not_specialize=NOISE_SCALARS)
+def add_noise_kernel(
+    tile_tensor, tile_start, w_ptrs, s_ptrs, numels, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+    key0, key1, step,
+    W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """saved ← w; w ← w + δ₀."""
+    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
+    w_ptr = _ptr(w_ptrs, slot, W_DTYPE)
+    w_raw = tl.load(w_ptr + offsets, mask=mask, other=0.0)
+    tl.store(_ptr(s_ptrs, slot, W_DTYPE) + offsets, w_raw, mask=mask)
+    w = w_raw.to(ACC)
+    delta = _initial_noise(w, offsets, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+                           key0, key1, step, BLOCK)
+    tl.store(w_ptr + offsets, (w + delta).to(W_DTYPE), mask=mask)
+
+
+@triton.jit(do_not_specialize=NOISE_SCALARS)
+def noise_grad_sums_kernel(
+    tile_tensor, tile_start, g_ptrs, s_ptrs, numels, fsizes, fnorm_offs, fnorms, gammas, lams, tensor_indices,
+    key0, key1, step, partials,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """partials[tile] = (Σδ₀², Σg², λΣδ₀g, λ²Σg²)."""
+    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
+    saved = tl.load(_ptr(s_ptrs, slot, W_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
+    g = tl.load(_ptr(g_ptrs, slot, G_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
+    delta = _initial_noise(saved, offsets, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+                           key0, key1, step, BLOCK)
+    delta = tl.where(mask, delta, 0.0)
+    lam = tl.load(lams + slot).to(ACC)
+    grad_sq = tl.sum(g * g, axis=0)
+    tl.store(partials + 4 * pid, tl.sum(delta * delta, axis=0))
+    tl.store(partials + 4 * pid + 1, grad_sq)
+    tl.store(partials + 4 * pid + 2, lam * tl.sum(delta * g, axis=0))
+    tl.store(partials + 4 * pid + 3, lam * lam * grad_sq)
+
+
+@triton.jit(do_not_specialize=NOISE_SCALARS)
+def mix_perturb_kernel(
+    tile_tensor, tile_start, w_ptrs, g_ptrs, s_ptrs, numels, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+    key0, key1, step, coef_slots, noise_coefs, grad_coefs,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """w ← saved + a·δ₀ + b·g; non-finite ε → 0."""
+    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
+    saved = tl.load(_ptr(s_ptrs, slot, W_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
+    g = tl.load(_ptr(g_ptrs, slot, G_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
+    delta = _initial_noise(saved, offsets, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+                           key0, key1, step, BLOCK)
+    coef_slot = tl.load(coef_slots + slot)
+    eps = tl.load(noise_coefs + coef_slot).to(ACC) * delta + tl.load(grad_coefs + coef_slot).to(ACC) * g
+    eps = tl.where(eps - eps == 0, eps, 0.0)  # x − x is 0 exactly when x is finite
+    tl.store(_ptr(w_ptrs, slot, W_DTYPE) + offsets, (saved + eps).to(W_DTYPE), mask=mask)
