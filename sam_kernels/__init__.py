@@ -9,6 +9,7 @@ See README.md for both step APIs and the backends.
 
 from . import functional, noise
 from .backends import available_backends, register_backend
+from .measures import sharpness
 from .optim import ASAM, RSAM, SAM, SharpnessAwareOptimizer
 
 __version__ = "0.1.0"
@@ -20,6 +21,7 @@ __all__ = [
     "SharpnessAwareOptimizer",
     "available_backends",
     "register_backend",
+    "sharpness",
     "functional",
     "noise",
     "__version__",

@@ -1,56 +1,116 @@
-"""Smoke training on a real dataset (scikit-learn's digits): every optimizer learns as well as SGD."""
+"""Smoke training on a real dataset (scikit-learn's digits) and the programs of python/ in tiny settings."""
 
-import importlib.util
+import importlib
 import json
+import pickle
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-_TRAIN_PY = Path(__file__).resolve().parents[1] / "python" / "train.py"
+pytest.importorskip("sklearn", reason="the demo's dataset ships with scikit-learn")
+pytest.importorskip("matplotlib", reason="the programs draw PNGs")
+
+PROGRAMS = Path(__file__).resolve().parents[1] / "python"
+sys.path.insert(0, str(PROGRAMS))
+common = importlib.import_module("common")
 
 
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("sam_kernels_demo_train", _TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def _program(name):
+    return importlib.import_module(name)
 
 
-@pytest.fixture(scope="module")
-def demo():
-    pytest.importorskip("sklearn", reason="the demo's dataset ships with scikit-learn")
-    return _load_demo()
-
-
-@pytest.fixture(scope="module")
-def digits(demo):
-    return demo.load_digits(torch.device("cpu"))
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
 @pytest.fixture(scope="module")
-def sgd_accuracy(demo, digits):
-    return demo.train("SGD", seed=0, epochs=8, batch_size=64, lr=0.05, backend="auto",
-                      device=torch.device("cpu"), data=digits).test_accuracy
+def digits():
+    return common.load_digits()
+
+
+@pytest.fixture(scope="module")
+def sgd_accuracy(digits):
+    torch.manual_seed(0)
+    history = common.train(common.small_cnn(), "SGD", digits, seed=0, epochs=8, batch_size=64, lr=0.05,
+                           weight_decay=5e-4, backend="auto")
+    return history.test_accuracy[-1]
 
 
 @pytest.mark.parametrize("name", ["SAM", "ASAM", "R-SAM"])
-def test_each_optimizer_reaches_sgd_accuracy(demo, digits, sgd_accuracy, name):
-    result = demo.train(name, seed=0, epochs=8, batch_size=64, lr=0.05, backend="auto",
-                        device=torch.device("cpu"), data=digits)
+def test_each_optimizer_reaches_sgd_accuracy(digits, sgd_accuracy, name):
+    torch.manual_seed(0)
+    history = common.train(common.small_cnn(), name, digits, seed=0, epochs=8, batch_size=64, lr=0.05,
+                           weight_decay=5e-4, backend="auto")
     assert sgd_accuracy > 0.9, "the SGD baseline itself did not learn"
-    assert result.test_accuracy >= sgd_accuracy - 0.04
-    assert result.train_loss < 0.2
+    assert history.test_accuracy[-1] >= sgd_accuracy - 0.04
+    assert history.train_loss[-1] < 0.2
 
 
-def test_demo_command_line_prints_table_and_writes_json(demo, tmp_path, capsys):
-    out = tmp_path / "results.json"
-    rows = demo.main(["--epochs", "1", "--seeds", "0", "--optimizers", "SGD", "SAM", "--json", str(out)])
+def test_train_program_writes_json_png_and_table(tmp_path, capsys):
+    rows = _program("train").main(["--epochs", "2", "--seeds", "0", "1", "--optimizers", "SGD", "SAM", "R-SAM",
+                                   "--width", "8", "--out", str(tmp_path), "--no-progress"])
     printed = capsys.readouterr().out
-    assert "| optimizer | test accuracy (%)" in printed and "| SAM |" in printed
-    saved = json.loads(out.read_text())
-    assert [row["optimizer"] for row in saved["summary"]] == ["SGD", "SAM"] == [row["optimizer"] for row in rows]
-    for row in rows:
-        assert 0.1 < row["test_acc_mean"] / 100 <= 1.0  # above chance (10 classes) after one epoch
+    assert "| optimizer | test accuracy (%)" in printed and "| R-SAM |" in printed
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [row["optimizer"] for row in saved["summary"]] == ["SGD", "SAM", "R-SAM"] == [r["optimizer"] for r in rows]
+    for run in saved["runs"]:
+        assert len(run["train_loss"]) == len(run["test_accuracy"]) == 2
+        assert all(torch.isfinite(torch.tensor(run["train_loss"])))
+        assert run["test_accuracy"][-1] > 0.2  # well above chance (10 classes) after two epochs
+    assert _is_png(tmp_path / "curves.png")
+
+
+def _fake_cifar10(root: Path, per_batch: int = 20) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": torch.randint(0, 256, (per_batch, 3072), dtype=torch.uint8).numpy(),
+                 b"labels": torch.randint(0, 10, (per_batch,)).tolist()}
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle)
+
+
+def test_train_program_reads_cifar_from_disk_without_downloading(tmp_path):
+    _fake_cifar10(tmp_path / "data")
+    data = common.load_dataset("cifar10", str(tmp_path / "data"))
+    assert data.train_x.shape == (100, 3, 32, 32) and data.test_x.shape == (20, 3, 32, 32) and data.classes == 10
+    assert common.augment(data.train_x[:4]).shape == (4, 3, 32, 32)
+    _program("train").main(["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+                            "--seeds", "0", "--optimizers", "ASAM", "--width", "4", "--out", str(tmp_path / "o"),
+                            "--no-progress"])
+    assert (tmp_path / "o" / "results.json").is_file()
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        common.load_dataset("cifar100", str(tmp_path / "data"))
+
+
+def test_asam_toy_reproduces_fig3(tmp_path):
+    summary = _program("asam_toy").main(["--out", str(tmp_path / "toy.png")])
+    assert _is_png(tmp_path / "toy.png")
+    assert summary["SAM from (0.3, 0.033)"]["final_loss"] > 0.02
+    assert summary["ASAM from (0.3, 0.033)"]["final_loss"] < 0.002
+
+
+def test_landscape_writes_csv_and_png(tmp_path):
+    results = _program("landscape").main(["--train-epochs", "1", "--rhos", "0.01", "0.5", "--gamma-sq", "0.01",
+                                          "--draws", "1", "--batch-size", "64", "--out", str(tmp_path)])
+    assert _is_png(tmp_path / "landscape.png")
+    lines = (tmp_path / "landscape.csv").read_text().splitlines()
+    assert lines[0] == "setting,gamma_sq,rho,cos,loss_increase" and len(lines) == 1 + 2 * 2
+    for row in results:
+        assert -1.0 <= row["cos"] <= 1.0 and torch.isfinite(torch.tensor(row["loss_increase"]))
+    vanilla = [r for r in results if r["setting"] == "vanilla"]
+    assert vanilla[0]["cos"] > vanilla[1]["cos"]  # the ascent direction drifts as ρ grows
+
+
+def test_sharpness_gap_writes_correlations(tmp_path):
+    result = _program("sharpness_gap").main(["--weight-decays", "0", "0.02", "--lrs", "0.1", "--epochs", "2",
+                                             "--train-size", "200", "--steps", "1", "--batches", "2",
+                                             "--out", str(tmp_path)])
+    assert _is_png(tmp_path / "sharpness_gap.png")
+    assert len(result["models"]) == 2
+    for model in result["models"]:
+        assert model["sharpness"] >= 0 and model["adaptive_sharpness"] >= 0
+    for c in result["correlations"].values():
+        assert -1.0 <= c["pearson"] <= 1.0 and -1.0 <= c["kendall"] <= 1.0
