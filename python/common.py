@@ -141,31 +141,6 @@ def small_cnn(in_channels: int = 1, classes: int = 10) -> nn.Module:
 
 
 # ----------------------------------------------------------------- training
-class FrozenBatchNormStats:
-    """Context manager: BatchNorm layers normalise with batch statistics but update no running stats.
-
-    Used around SAM's second (perturbed) forward pass so that the running
-    statistics only see the unperturbed weights.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-    def __enter__(self):
-        self.saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
-                      for m in self.layers]
-        for m in self.layers:
-            m.momentum = 0.0
-        return self
-
-    def __exit__(self, *exc):
-        for m, (momentum, tracked) in zip(self.layers, self.saved):
-            m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
-        return False
-
-
 def make_optimizer(name: str, params, *, lr: float, weight_decay: float, backend: str):
     base_kwargs = {"lr": lr, "momentum": 0.9, "weight_decay": weight_decay}
     if OPTIMIZERS[name] is None:
@@ -185,7 +160,7 @@ def training_step(model, optimizer, loss_fn, x, y) -> torch.Tensor:
         optimizer.step()
         return loss.detach()
     optimizer.first_step(zero_grad=True)
-    with FrozenBatchNormStats(model):
+    with sam_kernels.frozen_running_stats(model):
         loss_fn(model(x), y).backward()
     optimizer.second_step()
     return loss.detach()

@@ -9,6 +9,7 @@ See README.md for both step APIs and the backends.
 
 from . import functional, noise
 from .backends import available_backends, register_backend
+from .batchnorm import frozen_running_stats
 from .measures import sharpness
 from .optim import ASAM, RSAM, SAM, SharpnessAwareOptimizer
 
@@ -22,6 +23,7 @@ __all__ = [
     "available_backends",
     "register_backend",
     "sharpness",
+    "frozen_running_stats",
     "functional",
     "noise",
     "__version__",

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import functional as F
+from ..amp import scaler_step
 from .._validation import check_backend, check_gradients, check_non_negative, check_single_device
 
 _EXTRA_STATE_KEY = "sam_kernels"
@@ -232,11 +233,18 @@ class SharpnessAwareOptimizer(Optimizer):
         self._phase = "idle"
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore w bit-exactly, then let the base optimizer step with the gradients taken at w + ε."""
+    def second_step(self, zero_grad: bool = False, scaler: "torch.amp.GradScaler | None" = None) -> None:
+        """Restore w bit-exactly, then let the base optimizer step with the gradients taken at w + ε.
+
+        With a ``torch.amp.GradScaler`` the base step goes through it (unscaled
+        once, skipped on overflow in either pass); call ``scaler.update()`` after.
+        """
         self._expect("perturbed", "second_step()", "call first_step() after the first backward pass")
         self.restore()
-        self.base_optimizer.step()
+        if scaler is None:
+            self.base_optimizer.step()
+        else:
+            scaler_step(self, scaler)
         self._opt_called = True  # tells torch LR schedulers that the optimizer stepped
         self._after_second_step()
         if zero_grad:
@@ -251,11 +259,13 @@ class SharpnessAwareOptimizer(Optimizer):
     def first_step(self, zero_grad: bool = False) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None, scaler: "torch.amp.GradScaler | None" = None) -> Any:  # type: ignore[override]
         """One whole sharpness-aware step; ``closure`` runs forward + backward and returns the loss.
 
         Gradients are cleared before each of the (two) closure calls. Returns the
         loss of the first call (at the unperturbed weights, or ŵ for R-SAM).
+        With AMP, the closure backpropagates ``scaler.scale(loss)`` and the
+        scaler is passed here (see :meth:`second_step`).
         """
         if closure is None:
             raise RuntimeError(
@@ -269,7 +279,7 @@ class SharpnessAwareOptimizer(Optimizer):
             loss = closure()
             self.first_step(zero_grad=True)
             closure()
-            self.second_step()
+            self.second_step(scaler=scaler)
         except BaseException:
             self.restore()
             raise
