@@ -181,3 +181,51 @@ def test_accumulating_micro_batches_equals_one_big_batch(optimizer_cls, kwargs, 
         opt_big.second_step(zero_grad=True)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# -------------------------------------------------------------- torch.compile
+def _bn_net():
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def _sam_step(opt, forward, model, x, y):
+    loss_fn = nn.CrossEntropyLoss()
+    if isinstance(opt, sam_kernels.RSAM):
+        opt.noise_step()
+    loss = loss_fn(forward(x), y)
+    loss.backward()
+    opt.first_step(zero_grad=True)
+    with sam_kernels.frozen_running_stats(model):
+        loss_fn(forward(x), y).backward()
+    opt.second_step(zero_grad=True)
+    return loss.detach()
+
+
+def _train_without_recompiles(step, x, y):
+    losses = [float(step(x, y)) for _ in range(3)]  # warm-up: the first compilations
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        losses += [float(step(x, y)) for _ in range(12)]
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("optimizer_cls,kwargs,_id", VARIANTS, ids=VARIANT_IDS)
+def test_compiled_model_trains_without_recompiles(optimizer_cls, kwargs, _id):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _bn_net()
+    opt = _make(optimizer_cls, kwargs, model.parameters())
+    forward = torch.compile(model, backend="aot_eager")
+    _train_without_recompiles(lambda x, y: _sam_step(opt, forward, model, x, y),
+                              torch.randn(16, 2, 6, 6), torch.randint(0, 3, (16,)))
+
+
+@pytest.mark.parametrize("optimizer_cls,kwargs,_id", VARIANTS, ids=VARIANT_IDS)
+def test_compiled_training_step_excludes_the_optimizer_cleanly(optimizer_cls, kwargs, _id):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _bn_net()
+    opt = _make(optimizer_cls, kwargs, model.parameters())
+    step = torch.compile(lambda x, y: _sam_step(opt, model, model, x, y), backend="aot_eager")
+    _train_without_recompiles(step, torch.randn(16, 2, 6, 6), torch.randint(0, 3, (16,)))

@@ -1,5 +1,9 @@
 """The step protocol shared by every sharpness-aware optimizer.
 
+The step methods are excluded from torch.compile (``torch.compiler.disable``):
+a compiled training step graph-breaks cleanly around them instead of tracing
+host-side bookkeeping (phase, step counter) that would recompile every step.
+
 A :class:`SharpnessAwareOptimizer` wraps a ``torch.optim`` base optimizer and
 shares its ``param_groups`` (so LR schedulers, ``add_param_group`` and
 per-group hyperparameters work as usual). It owns only what SAM adds: the
@@ -223,6 +227,7 @@ class SharpnessAwareOptimizer(Optimizer):
     def backend(self) -> str:
         return self._backend
 
+    @torch.compiler.disable
     @torch.no_grad()
     def restore(self) -> None:
         """Put back the saved weights (undo noise_step()/first_step()) without a base step."""
@@ -232,6 +237,7 @@ class SharpnessAwareOptimizer(Optimizer):
         self._perturbed = ParamSelection()
         self._phase = "idle"
 
+    @torch.compiler.disable
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, scaler: "torch.amp.GradScaler | None" = None) -> None:
         """Restore w bit-exactly, then let the base optimizer step with the gradients taken at w + ε.
@@ -259,6 +265,7 @@ class SharpnessAwareOptimizer(Optimizer):
     def first_step(self, zero_grad: bool = False) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @torch.compiler.disable
     def step(self, closure: Callable[[], Any] | None = None, scaler: "torch.amp.GradScaler | None" = None) -> Any:  # type: ignore[override]
         """One whole sharpness-aware step; ``closure`` runs forward + backward and returns the loss.
 

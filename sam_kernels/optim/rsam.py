@@ -73,6 +73,7 @@ class RSAM(SharpnessAwareOptimizer):
             "backend": self._backend,
         }
 
+    @torch.compiler.disable
     @torch.no_grad()
     def noise_step(self) -> None:
         """Before the first forward: save w and move every trainable param to ŵ = w + δ₀."""
@@ -85,6 +86,7 @@ class RSAM(SharpnessAwareOptimizer):
     def _before_first_forward(self) -> None:
         self.noise_step()
 
+    @torch.compiler.disable
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """After the backward at ŵ: move to w_saved + ε, ε = ρ·d/‖d‖, d = δ₀/‖δ₀‖ + λ·g/‖g‖."""

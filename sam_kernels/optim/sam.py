@@ -48,6 +48,7 @@ class SAM(SharpnessAwareOptimizer):
     def _etas(self, selection) -> list[float] | float:
         return 0.0
 
+    @torch.compiler.disable
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Save w and move to w + ε, ε computed from the gradients now in ``.grad``."""
