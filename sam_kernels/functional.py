@@ -145,13 +145,19 @@ def add_noise_(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
     backend: str = "auto",
 ) -> None:
-    """saved ← w; w ← ŵ = w + δ₀, δ₀ ~ N(0, σ_i²), σ_i = γ‖w_i‖/√n_i (Philox stream)."""
+    """saved ← w; w ← ŵ = w + δ₀, δ₀ ~ N(0, σ_i²), σ_i = γ‖w_i‖/√n_i (Philox stream).
+
+    ``element_offsets`` (default all 0): global index of each tensor's first
+    element when the tensors are dim-0 shards (FSDP), so shards draw their
+    part of the whole tensor's noise.
+    """
     if params:
         resolve(backend, params, saved).add_noise_(
             list(params), list(saved), gammas=_per_tensor(gammas, len(params), "gammas"),
-            seed=seed, tensor_indices=list(tensor_indices), step=step,
+            seed=seed, tensor_indices=list(tensor_indices), step=step, element_offsets=element_offsets,
         )
 
 
@@ -164,6 +170,7 @@ def noise_grad_sums(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
     backend: str = "auto",
 ) -> Tensor:
     """(Σ δ₀², Σ g², Σ λ δ₀·g, Σ λ² g²), δ₀ regenerated from the saved (pre-noise) weights."""
@@ -172,7 +179,7 @@ def noise_grad_sums(
     return resolve(backend, grads, saved).noise_grad_sums(
         list(grads), list(saved),
         gammas=_per_tensor(gammas, len(grads), "gammas"), lams=_per_tensor(lams, len(grads), "lams"),
-        seed=seed, tensor_indices=list(tensor_indices), step=step,
+        seed=seed, tensor_indices=list(tensor_indices), step=step, element_offsets=element_offsets,
     )
 
 
@@ -211,6 +218,7 @@ def mix_perturb_(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
     backend: str = "auto",
 ) -> None:
     """w ← saved + a·δ₀ + b·g (R-SAM's projected, λ-mixed perturbation from the saved weights)."""
@@ -218,5 +226,5 @@ def mix_perturb_(
         resolve(backend, params, grads, saved).mix_perturb_(
             list(params), list(grads), list(saved), list(noise_coefs), list(grad_coefs),
             gammas=_per_tensor(gammas, len(params), "gammas"), seed=seed,
-            tensor_indices=list(tensor_indices), step=step,
+            tensor_indices=list(tensor_indices), step=step, element_offsets=element_offsets,
         )

@@ -104,19 +104,27 @@ def normal_blocks(block: Tensor, tensor_index: Tensor | int, step: int, key: tup
 
 
 def standard_normal(
-    numel: int, *, seed: int, tensor_index: int, step: int, device: torch.device | str = "cpu"
+    numel: int, *, seed: int, tensor_index: int, step: int, device: torch.device | str = "cpu", offset: int = 0
 ) -> Tensor:
-    """The first ``numel`` elements of the stream of tensor ``j`` at step ``s`` (float32, 1-D)."""
+    """Elements ``offset … offset + numel − 1`` of the stream of tensor ``j`` at step ``s`` (float32, 1-D).
+
+    A shard of a tensor (FSDP) passes the global index of its first element as
+    ``offset`` and gets exactly its part of the whole tensor's noise.
+    """
     key = seed_to_key(seed)
     out = torch.empty(numel, dtype=torch.float32, device=device)
-    num_blocks = (numel + 3) // 4
-    for first in range(0, num_blocks, _CHUNK_BLOCKS):
-        last = min(first + _CHUNK_BLOCKS, num_blocks)
+    if numel == 0:
+        return out
+    first_block, end_block = offset // 4, (offset + numel + 3) // 4
+    skip = offset % 4
+    for first in range(first_block, end_block, _CHUNK_BLOCKS):
+        last = min(first + _CHUNK_BLOCKS, end_block)
         blocks = torch.arange(first, last, dtype=torch.int64, device=device)
         z = normal_blocks(blocks, tensor_index, step, key).reshape(-1)
-        start = 4 * first
-        stop = min(4 * last, numel)
-        out[start:stop] = z[: stop - start]
+        start = max(4 * first - offset, 0)  # position in out of this chunk's first kept element
+        stop = min(4 * last - offset, numel)
+        z_start = skip if first == first_block else 0
+        out[start:stop] = z[z_start : z_start + stop - start]
     return out
 
 
@@ -135,7 +143,13 @@ def _block_layout(block_counts: tuple[int, ...], tensor_indices: tuple[int, ...]
 
 
 def standard_normal_multi(
-    numels: list[int], *, seed: int, tensor_indices: list[int], step: int, device: torch.device | str = "cpu"
+    numels: list[int],
+    *,
+    seed: int,
+    tensor_indices: list[int],
+    step: int,
+    device: torch.device | str = "cpu",
+    offsets: list[int] | None = None,
 ) -> list[Tensor]:
     """The streams of several tensors generated in one batched pass (float32, 1-D each).
 
@@ -143,6 +157,11 @@ def standard_normal_multi(
     used by the foreach backend to keep the launch count independent of the
     number of tensors.
     """
+    if offsets is not None and any(offsets):
+        return [
+            standard_normal(n, seed=seed, tensor_index=j, step=step, device=device, offset=o)
+            for n, j, o in zip(numels, tensor_indices, offsets)
+        ]
     key = seed_to_key(seed)
     block_counts = [(n + 3) // 4 for n in numels]
     total_blocks = sum(block_counts)

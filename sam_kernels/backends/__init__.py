@@ -20,12 +20,16 @@ hyperparameters are Python floats; ``scales``/coefficients are per-tensor
     ε = scale · t ⊙ sign(g) (p = ∞). Non-finite ε elements become 0.
 ``restore_(params, saved)``
     w ← saved, bit-exactly.
-``add_noise_(params, saved, *, gammas, seed, tensor_indices, step)``
+``add_noise_(params, saved, *, gammas, seed, tensor_indices, step, element_offsets=None)``
     saved ← w; w ← w + δ₀ (R-SAM's kernel-scaled Gaussian, DESIGN.md §2).
-``noise_grad_sums(grads, saved, *, gammas, lams, seed, tensor_indices, step) -> Tensor[4]``
+``noise_grad_sums(grads, saved, *, gammas, lams, seed, tensor_indices, step, element_offsets=None) -> Tensor[4]``
     (Σ δ₀², Σ g², Σ λ δ₀·g, Σ λ² g²), δ₀ regenerated from the saved weights.
-``mix_perturb_(params, grads, saved, noise_coefs, grad_coefs, *, gammas, seed, tensor_indices, step)``
+``mix_perturb_(params, grads, saved, noise_coefs, grad_coefs, *, gammas, seed, tensor_indices, step, element_offsets=None)``
     w ← saved + a ⊙ δ₀ + b ⊙ g. Non-finite ε elements become 0.
+
+``element_offsets`` gives the global index of each tensor's first element
+when the tensors are dim-0 shards of bigger ones (FSDP): element e of the
+shard draws element offset + e of the whole tensor's stream.
 
 ``available() -> (bool, str)`` says whether the backend can run here and, if
 not, why. ``supports(device) -> bool`` says whether it handles tensors of

@@ -136,7 +136,12 @@ def restore_(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
 
 
 def _initial_noise(
-    saved: Sequence[Tensor], gammas: Sequence[float], seed: int, tensor_indices: Sequence[int], step: int
+    saved: Sequence[Tensor],
+    gammas: Sequence[float],
+    seed: int,
+    tensor_indices: Sequence[int],
+    step: int,
+    element_offsets: Sequence[int] | None,
 ) -> list[Tensor]:
     """δ₀ per tensor in its accumulation dtype; the Philox stream of all tensors in one pass."""
     if not saved:
@@ -147,6 +152,7 @@ def _initial_noise(
         tensor_indices=list(tensor_indices),
         step=step,
         device=saved[0].device,
+        offsets=None if element_offsets is None else list(element_offsets),
     )
     return [
         noise_std(w, gamma) * zi.reshape(w.shape).to(accumulation_dtype(w.dtype))
@@ -162,12 +168,13 @@ def add_noise_(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
 ) -> None:
     params, saved = list(params), list(saved)
     if not params:
         return
     torch._foreach_copy_(saved, params)
-    _foreach_add_by_dtype_(params, _initial_noise(saved, gammas, seed, tensor_indices, step))
+    _foreach_add_by_dtype_(params, _initial_noise(saved, gammas, seed, tensor_indices, step, element_offsets))
 
 
 def noise_grad_sums(
@@ -179,9 +186,10 @@ def noise_grad_sums(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
 ) -> Tensor:
     grads = list(grads)
-    deltas = _initial_noise(saved, gammas, seed, tensor_indices, step)
+    deltas = _initial_noise(saved, gammas, seed, tensor_indices, step, element_offsets)
     grads_acc = [g.to(d.dtype) for g, d in zip(grads, deltas)]
     dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     dots = [x.sum() for x in torch._foreach_mul(deltas, grads_acc)]
@@ -209,11 +217,12 @@ def mix_perturb_(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
 ) -> None:
     params, grads, saved = list(params), list(grads), list(saved)
     if not params:
         return
-    eps = _initial_noise(saved, gammas, seed, tensor_indices, step)
+    eps = _initial_noise(saved, gammas, seed, tensor_indices, step, element_offsets)
     grads_acc = [g.to(d.dtype) for g, d in zip(grads, eps)]
     keys = [(d.dtype, id(a), id(b)) for d, a, b in zip(eps, noise_coefs, grad_coefs)]
     for (dtype, _, _), positions in _buckets(keys).items():

@@ -78,9 +78,17 @@ def noise_std(w_saved: Tensor, gamma: float) -> Tensor:
     return _broadcast_per_filter(sigma, w_saved)
 
 
-def initial_noise(w_saved: Tensor, gamma: float, seed: int, tensor_index: int, step: int) -> Tensor:
-    """δ₀ = σ ⊙ z, z the Philox/Box–Muller stream of tensor ``tensor_index`` at ``step``."""
-    z = noise.standard_normal(w_saved.numel(), seed=seed, tensor_index=tensor_index, step=step, device=w_saved.device)
+def initial_noise(
+    w_saved: Tensor, gamma: float, seed: int, tensor_index: int, step: int, element_offset: int = 0
+) -> Tensor:
+    """δ₀ = σ ⊙ z, z the Philox/Box–Muller stream of tensor ``tensor_index`` at ``step``.
+
+    ``element_offset`` is the global index of the first element when ``w_saved``
+    is a dim-0 shard of a bigger tensor (FSDP).
+    """
+    z = noise.standard_normal(
+        w_saved.numel(), seed=seed, tensor_index=tensor_index, step=step, device=w_saved.device, offset=element_offset
+    )
     z = z.reshape(w_saved.shape).to(accumulation_dtype(w_saved.dtype))
     return noise_std(w_saved, gamma) * z
 
@@ -144,11 +152,13 @@ def add_noise_(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
 ) -> None:
     """saved ← w; w ← w + δ₀ = ŵ."""
-    for w, w_saved, gamma, j in zip(params, saved, gammas, tensor_indices):
+    offsets = element_offsets or [0] * len(params)
+    for w, w_saved, gamma, j, offset in zip(params, saved, gammas, tensor_indices, offsets):
         w_saved.copy_(w)
-        w.copy_(_acc(w_saved) + initial_noise(w_saved, gamma, seed, j, step))
+        w.copy_(_acc(w_saved) + initial_noise(w_saved, gamma, seed, j, step, offset))
 
 
 def noise_grad_sums(
@@ -160,11 +170,13 @@ def noise_grad_sums(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
 ) -> Tensor:
     """(Σ δ₀², Σ g², Σ λ·δ₀·g, Σ λ²·g²) over all tensors."""
     total = None
-    for g, w_saved, gamma, lam, j in zip(grads, saved, gammas, lams, tensor_indices):
-        delta = initial_noise(w_saved, gamma, seed, j, step)
+    offsets = element_offsets or [0] * len(grads)
+    for g, w_saved, gamma, lam, j, offset in zip(grads, saved, gammas, lams, tensor_indices, offsets):
+        delta = initial_noise(w_saved, gamma, seed, j, step, offset)
         g = _acc(g)
         sums = torch.stack(
             [(delta * delta).sum(), (g * g).sum(), lam * (delta * g).sum(), lam * lam * (g * g).sum()]
@@ -184,10 +196,13 @@ def mix_perturb_(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
 ) -> None:
     """w ← saved + ε, ε = a·δ₀ + b·g (a, b from :func:`sam_kernels.functional.rsam_coefficients`)."""
-    for w, g, w_saved, a, b, gamma, j in zip(params, grads, saved, noise_coefs, grad_coefs, gammas, tensor_indices):
-        delta = initial_noise(w_saved, gamma, seed, j, step)
+    offsets = element_offsets or [0] * len(params)
+    per_tensor = zip(params, grads, saved, noise_coefs, grad_coefs, gammas, tensor_indices, offsets)
+    for w, g, w_saved, a, b, gamma, j, offset in per_tensor:
+        delta = initial_noise(w_saved, gamma, seed, j, step, offset)
         g = _acc(g)
         eps = a.to(g.dtype) * delta + b.to(g.dtype) * g
         w.copy_(_acc(w_saved) + _zero_non_finite(eps))

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from .. import functional as F
 from ..amp import scaler_step
+from .sharding import all_reduce_sum_, is_sharded, local, shard_of
 from .._validation import check_backend, check_gradients, check_non_negative, check_single_device
 
 _EXTRA_STATE_KEY = "sam_kernels"
@@ -40,6 +41,10 @@ class ParamSelection:
     """The parameters taking part in a step, with what each needs, in the optimizer's stable order."""
 
     params: list[Tensor] = field(default_factory=list)
+    # What the kernels work on: the params themselves, or their local shards (FSDP2).
+    tensors: list[Tensor] = field(default_factory=list)
+    # Global index of each tensor's first element (non-zero for shards), for the noise stream.
+    element_offsets: list[int] = field(default_factory=list)
     # (group number, position in the group) of each param, for error messages.
     positions: list[tuple[int, int]] = field(default_factory=list)
     groups: list[dict] = field(default_factory=list)
@@ -47,16 +52,26 @@ class ParamSelection:
     # the tensor number j of the R-SAM noise stream.
     tensor_indices: list[int] = field(default_factory=list)
 
+    # Process group over which global sums are all-reduced (sharded params), else None.
+    group: object = None
+
     @property
     def grads(self) -> list[Tensor]:
-        return [p.grad for p in self.params]
+        return [local(p.grad) for p in self.params]
 
     def per_tensor(self, key: str) -> list[float]:
         return [group[key] for group in self.groups]
 
     def subset(self, keep: list[bool]) -> "ParamSelection":
         pick = lambda items: [x for x, k in zip(items, keep) if k]  # noqa: E731
-        return ParamSelection(pick(self.params), pick(self.positions), pick(self.groups), pick(self.tensor_indices))
+        return ParamSelection(
+            pick(self.params), pick(self.tensors), pick(self.element_offsets), pick(self.positions),
+            pick(self.groups), pick(self.tensor_indices), self.group,
+        )
+
+    def all_reduce_(self, partial_sums: Tensor) -> Tensor:
+        """Global sums from per-shard partial sums (no-op for unsharded params)."""
+        return all_reduce_sum_(partial_sums, self.group)
 
     def name(self, i: int) -> str:
         group_number, param_number = self.positions[i]
@@ -175,6 +190,11 @@ class SharpnessAwareOptimizer(Optimizer):
                 if takes_part:
                     selection.params.append(param)
                     selection.positions.append((group_number, param_number))
+                    selection.tensors.append(local(param))
+                    offset = 0
+                    if is_sharded(param):
+                        offset, selection.group = shard_of(param, selection.name(-1), type(self).__name__)
+                    selection.element_offsets.append(offset)
                     selection.groups.append(group)
                     selection.tensor_indices.append(index)
                 index += 1
@@ -186,12 +206,13 @@ class SharpnessAwareOptimizer(Optimizer):
         return selection
 
     def _saved_copies(self, params: list[Tensor]) -> list[Tensor]:
-        """The buffers that hold w during a step, allocated once per param (same dtype: exact restore)."""
+        """The buffers that hold w (its local shard) during a step, allocated once per param."""
         copies = []
         for param in params:
+            tensor = local(param)
             buffer = self._saved.get(param)
-            if buffer is None or buffer.shape != param.shape or buffer.dtype != param.dtype or buffer.device != param.device:
-                buffer = torch.empty_like(param, memory_format=torch.preserve_format)
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype or buffer.device != tensor.device:
+                buffer = torch.empty_like(tensor, memory_format=torch.preserve_format)
                 self._saved[param] = buffer
             copies.append(buffer)
         return copies
@@ -233,7 +254,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """Put back the saved weights (undo noise_step()/first_step()) without a base step."""
         if self._phase != "idle":
             selection = self._perturbed
-            F.restore_(selection.params, self._saved_copies(selection.params), backend=self._backend)
+            F.restore_(selection.tensors, self._saved_copies(selection.params), backend=self._backend)
         self._perturbed = ParamSelection()
         self._phase = "idle"
 

@@ -69,6 +69,7 @@ class RSAM(SharpnessAwareOptimizer):
             "gammas": selection.per_tensor("gamma"),
             "seed": self._seed,
             "tensor_indices": selection.tensor_indices,
+            "element_offsets": selection.element_offsets,
             "step": self._step,
             "backend": self._backend,
         }
@@ -79,7 +80,7 @@ class RSAM(SharpnessAwareOptimizer):
         """Before the first forward: save w and move every trainable param to ŵ = w + δ₀."""
         self._expect("idle", "noise_step()", "call second_step() to finish the previous step, or restore()")
         selection = self._select(needs_grad=False)
-        F.add_noise_(selection.params, self._saved_copies(selection.params), **self._stream(selection))
+        F.add_noise_(selection.tensors, self._saved_copies(selection.params), **self._stream(selection))
         self._perturbed = selection
         self._phase = "noised"
 
@@ -97,13 +98,13 @@ class RSAM(SharpnessAwareOptimizer):
         keep = [id(p) in has_grad for p in noised.params]
         # Trainable params that got no gradient take no part in this step: undo their noise now.
         dropped = noised.subset([not k for k in keep])
-        F.restore_(dropped.params, self._saved_copies(dropped.params), backend=self._backend)
+        F.restore_(dropped.tensors, self._saved_copies(dropped.params), backend=self._backend)
         selection = noised.subset(keep)
-        params, grads = selection.params, selection.grads
-        saved = self._saved_copies(params)
+        params, grads = selection.tensors, selection.grads
+        saved = self._saved_copies(selection.params)
         if params:
             stream = self._stream(selection)
-            sums = F.noise_grad_sums(grads, saved, lams=selection.per_tensor("lam"), **stream)
+            sums = selection.all_reduce_(F.noise_grad_sums(grads, saved, lams=selection.per_tensor("lam"), **stream))
             noise_coefs, grad_coefs, skipped = F.rsam_coefficients(
                 sums, selection.per_tensor("rho"), selection.per_tensor("lam")
             )

@@ -59,14 +59,14 @@ class SAM(SharpnessAwareOptimizer):
         etas = self._etas(selection)
         if selection.params:
             sq_sum = F.scaled_grad_sq_sum(
-                selection.params, grads, adaptive=self._adaptive, etas=etas, backend=self._backend
+                selection.tensors, grads, adaptive=self._adaptive, etas=etas, backend=self._backend
             )
-            scales, skipped = F.sam_scales(sq_sum, selection.per_tensor("rho"), p=self._p)
+            scales, skipped = F.sam_scales(selection.all_reduce_(sq_sum), selection.per_tensor("rho"), p=self._p)
             F.perturb_(
-                selection.params, grads, saved, scales,
+                selection.tensors, grads, saved, scales,
                 adaptive=self._adaptive, etas=etas, p=self._p, backend=self._backend,
             )
-            self._record_skip(skipped, selection.params[0].device)
+            self._record_skip(skipped, selection.tensors[0].device)
         self._perturbed = selection
         self._phase = "perturbed"
         if zero_grad:

@@ -95,7 +95,9 @@ class _Bucket:
         return out
 
 
-def _split(weights: Sequence[Tensor], others: Sequence[Sequence[Tensor]]) -> tuple[list[_Bucket], list[int]]:
+def _split(
+    weights: Sequence[Tensor], others: Sequence[Sequence[Tensor]], element_offsets: Sequence[int] | None = None
+) -> tuple[list[_Bucket], list[int]]:
     """Buckets of kernel-ready tensors and the positions that go to foreach (with the reason kept)."""
     by_key: dict[tuple, list[int]] = {}
     fallback = []
@@ -106,6 +108,10 @@ def _split(weights: Sequence[Tensor], others: Sequence[Sequence[Tensor]]) -> tup
             continue  # nothing to do, on any backend
         if not all(t.is_contiguous() for t in tensors):
             ROUTED_TO_FOREACH[tuple(w.shape)] = "non-contiguous weight or gradient"
+            fallback.append(i)
+            continue
+        if element_offsets and element_offsets[i]:
+            ROUTED_TO_FOREACH[tuple(w.shape)] = "shard of a bigger tensor (noise stream offset)"
             fallback.append(i)
             continue
         key = (w.dtype, grads[i].dtype if grads is not None else None)
@@ -126,6 +132,10 @@ def _sum(parts: list[Tensor], shape: tuple[int, ...], device: torch.device) -> T
 
 def _pick(items: Sequence, positions: list[int]) -> list:
     return [items[i] for i in positions]
+
+
+def _pick_offsets(element_offsets: Sequence[int] | None, positions: list[int]) -> list[int] | None:
+    return None if element_offsets is None else _pick(element_offsets, positions)
 
 
 # --------------------------------------------------------------- operations
@@ -204,8 +214,9 @@ def add_noise_(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
 ) -> None:
-    buckets, fallback = _split(params, [saved])
+    buckets, fallback = _split(params, [saved], element_offsets)
     for b in buckets:
         weights = b.take(params)
         fnorms = b.filter_norms(weights)
@@ -217,7 +228,8 @@ def add_noise_(
         )
     if fallback:
         _foreach.add_noise_(_pick(params, fallback), _pick(saved, fallback), gammas=_pick(gammas, fallback),
-                            seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step)
+                            seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step,
+                            element_offsets=_pick_offsets(element_offsets, fallback))
 
 
 def noise_grad_sums(
@@ -229,8 +241,9 @@ def noise_grad_sums(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
 ) -> Tensor:
-    buckets, fallback = _split(saved, [grads])
+    buckets, fallback = _split(saved, [grads], element_offsets)
     parts = []
     for b in buckets:
         weights = b.take(saved)
@@ -247,7 +260,8 @@ def noise_grad_sums(
     if fallback:
         parts.append(_foreach.noise_grad_sums(
             _pick(grads, fallback), _pick(saved, fallback), gammas=_pick(gammas, fallback),
-            lams=_pick(lams, fallback), seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step))
+            lams=_pick(lams, fallback), seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step,
+            element_offsets=_pick_offsets(element_offsets, fallback)))
     return _sum(parts, (4,), saved[0].device)
 
 
@@ -262,8 +276,9 @@ def mix_perturb_(
     seed: int,
     tensor_indices: Sequence[int],
     step: int,
+    element_offsets: Sequence[int] | None = None,
 ) -> None:
-    buckets, fallback = _split(params, [grads, saved])
+    buckets, fallback = _split(params, [grads, saved], element_offsets)
     for b in buckets:
         bucket_saved = b.take(saved)
         fnorms = b.filter_norms(bucket_saved)
@@ -279,7 +294,8 @@ def mix_perturb_(
         _foreach.mix_perturb_(
             _pick(params, fallback), _pick(grads, fallback), _pick(saved, fallback),
             _pick(noise_coefs, fallback), _pick(grad_coefs, fallback), gammas=_pick(gammas, fallback),
-            seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step)
+            seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step,
+            element_offsets=_pick_offsets(element_offsets, fallback))
 
 
 register_backend(NAME, sys.modules[__name__], priority={"cuda": 20})
