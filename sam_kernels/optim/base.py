@@ -320,6 +320,17 @@ class SharpnessAwareOptimizer(Optimizer):
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
         pass
 
+    def sam_state_dict(self) -> dict[str, Any]:
+        """Only what SAM adds to the base optimizer's state (R-SAM's seed and step, ASAM's p/granularity).
+
+        For checkpoint tools that handle the base optimizer themselves, e.g.
+        torch.distributed.checkpoint's ``get_state_dict(model, opt.base_optimizer)``.
+        """
+        return self._extra_state()
+
+    def load_sam_state_dict(self, state: dict[str, Any]) -> None:
+        self._load_extra_state(state)
+
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state dict (its param_groups carry SAM's keys) plus SAM's own entry."""
         if self._phase != "idle":
