@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -55,6 +56,14 @@ def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def _finish() -> None:
+    """Leave the group, then exit at once: gloo's background threads can stall interpreter shutdown."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _flat(model) -> torch.Tensor:
     return torch.cat([p.detach().full_tensor().flatten() if hasattr(p, "full_tensor") else p.detach().flatten()
                       for p in model.parameters()])
@@ -71,8 +80,10 @@ def ddp_worker(rank: int, world: int, port: int, optimizer: str, mode: str, out_
         train(model, opt, batches(rank, world), model.no_sync if mode == "m-sharpness" else None,
               lambda phase: snapshots.append((phase, _flat(model))))
         torch.save(snapshots, os.path.join(out_dir, f"ddp-{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _finish()
 
 
 def fsdp_worker(rank: int, world: int, port: int, optimizer: str, backend: str, out_dir: str) -> None:
@@ -117,5 +128,7 @@ def fsdp_worker(rank: int, world: int, port: int, optimizer: str, backend: str, 
         train(model, opt, extra)
         train(fresh, fresh_opt, extra)
         torch.save({"original": _flat(model), "resumed": _flat(fresh)}, os.path.join(out_dir, f"dcp-{rank}.pt"))
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    _finish()

@@ -1,6 +1,7 @@
 """DDP and FSDP2 with 2 CPU processes over gloo on the loopback interface (bounded time)."""
 
 import socket
+import time
 
 import pytest
 import torch
@@ -19,8 +20,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+TIMEOUT_S = 240
+
+
 def _spawn(worker, *args):
-    mp.start_processes(worker, args=(WORLD, _free_port(), *args), nprocs=WORLD, start_method="spawn", join=True)
+    """Run ``worker`` on WORLD ranks; fail (and kill them) if they take longer than TIMEOUT_S."""
+    context = mp.start_processes(worker, args=(WORLD, _free_port(), *args), nprocs=WORLD, start_method="spawn",
+                                 join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
 
 
 def _single_process_reference(optimizer: str):
