@@ -35,11 +35,19 @@ def _noise_dtype(dtype):
     return torch.float32 if dtype == torch.float64 else dtype
 
 
-def assert_weights_close(actual, expected, before, dtype):
-    """|actual − expected| ≤ rel·(|w| + |ε|) elementwise; NaN or Inf never passes."""
+def assert_weights_close(actual, expected, before, dtype, noise=False):
+    """|actual − expected| ≤ rel·(|w| + |ε|) elementwise; NaN or Inf never passes.
+
+    With ``noise``, R-SAM's δ₀ carries the rounding of log/cos/sin, which is
+    relative to the noise scale rather than to each element (cos θ near zero):
+    the bound also allows rel·max|ε| of the tensor.
+    """
     actual, expected, before = actual.double(), expected.double(), before.double()
     assert torch.isfinite(actual).all() and torch.isfinite(expected).all()
-    bound = _REL[dtype] * (before.abs() + (expected - before).abs()) + 1e-30
+    eps = (expected - before).abs()
+    bound = _REL[dtype] * (before.abs() + eps) + 1e-30
+    if noise and eps.numel():
+        bound = bound + _REL[dtype] * eps.max()
     excess = (actual - expected).abs() - bound
     assert (excess <= 0).all(), f"max excess {float(excess.max()):.3g} over the {dtype} tolerance"
 
@@ -64,7 +72,8 @@ def test_optimizer_steps_match_reference(optimizer_cls, kwargs, _id, dtype, back
         assert moved > 0
         for p_ref, p_new, b in zip(all_params(groups_ref), all_params(groups_new), before):
             assert p_new.dtype == p_ref.dtype and p_new.shape == p_ref.shape
-            assert_weights_close(p_new.detach(), p_ref.detach(), b, tolerance_dtype)
+            assert_weights_close(p_new.detach(), p_ref.detach(), b, tolerance_dtype,
+                                 noise=optimizer_cls is sam_kernels.RSAM)
         # The second pass sees the same gradients on both sides.
         _same_random_grads(groups_ref, groups_new)
         opt_ref.second_step()
@@ -131,7 +140,8 @@ def test_auto_backend_is_registered_and_resolves():
     for name in ("triton", "cuda", "cpp"):
         assert name in status
     impl = F.resolve("auto", [torch.zeros(1)])
-    assert impl.NAME == "foreach"  # the Triton interpreter is never chosen for CPU tensors
+    # cpp > foreach on the CPU; the Triton interpreter is never chosen for CPU tensors.
+    assert impl.NAME == ("cpp" if status["cpp"] is None else "foreach")
 
 
 def _to_device(groups, device):
@@ -160,7 +170,8 @@ def test_cuda_first_step_matches_cpu_reference(optimizer_cls, kwargs, _id, dtype
     first_step_of(opt_gpu)
     for p_cpu, p_gpu, b in zip(all_params(groups_cpu), all_params(groups_gpu), before):
         # log/cos/sin of the noise stream round differently on the GPU: a few float32 ulps.
-        assert_weights_close(p_gpu.detach().cpu(), p_cpu.detach(), b, dtype if dtype != torch.float64 else torch.float32)
+        assert_weights_close(p_gpu.detach().cpu(), p_cpu.detach(), b, dtype if dtype != torch.float64 else torch.float32,
+                             noise=optimizer_cls is sam_kernels.RSAM)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -78,6 +78,11 @@ def register_backend(name: str, impl: Any, *, priority: dict[str, int]) -> None:
     _REGISTRY[name] = _Entry(name, impl, dict(priority))
 
 
+def mark_unavailable(name: str, reason: str) -> None:
+    """Record why an optional backend is not registered (shown by :func:`available_backends`)."""
+    _IMPORT_ERRORS[name] = reason
+
+
 def _discover() -> None:
     global _discovered
     if _discovered:

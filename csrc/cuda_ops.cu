@@ -1,0 +1,651 @@
+// CUDA implementation of the sam_kernels backend operations (backend="cuda").
+//
+// Every pass is one multi-tensor kernel per launch of up to kMaxTensors tensors
+// (multi_tensor.cuh): 16-byte vector loads where a tensor's pointers are aligned,
+// a scalar tail, int64 indexing, and per-tensor scales read from device memory so
+// no step waits on the host and a step can be captured in a CUDA graph.
+// Reductions are two-stage and deterministic: every block writes its partial sum to
+// its own slot, then one block adds the slots in a fixed order.
+// The per-element math (ASAM scale, Philox + Box-Muller, the non-finite guard) is
+// sam_math.h, shared with the host build; reference.py is the oracle.
+#include "cuda_ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cmath>
+#include <unordered_map>
+
+#include "multi_tensor.cuh"
+#include "sam_math.h"
+
+namespace sam_cuda {
+namespace {
+
+constexpr int kSumThreads = 1024;
+
+template <typename A>
+__device__ __forceinline__ A abs_of(A x) {
+  return x < A(0) ? -x : x;
+}
+
+__device__ __forceinline__ float sqrt_of(float x) { return sqrtf(x); }
+__device__ __forceinline__ double sqrt_of(double x) { return sqrt(x); }
+
+// Filter (row) of element i of a tensor with `fsize` elements per filter; 32-bit division when it fits.
+__device__ __forceinline__ int64_t row_of(int64_t i, int64_t fsize) {
+  if (i <= INT32_MAX && fsize <= INT32_MAX) return static_cast<int32_t>(i) / static_cast<int32_t>(fsize);
+  return i / fsize;
+}
+
+// The elements [begin, end) of the chunk this block works on, and its tensor t.
+struct BlockWork {
+  int t;
+  int64_t begin, end;
+};
+
+template <int NPTR>
+__device__ __forceinline__ BlockWork block_work(const TensorList<NPTR>& m) {
+  const int t = tensor_of_block(m, static_cast<int32_t>(blockIdx.x));
+  const int64_t begin = static_cast<int64_t>(static_cast<int32_t>(blockIdx.x) - m.first_block[t]) * kChunk;
+  const int64_t end = begin + kChunk < m.numel[t] ? begin + kChunk : m.numel[t];
+  return {t, begin, end};
+}
+
+// ASAM's t of element i (SAM: 1): |w| + eta element-wise, ||f_i|| + eta filter-wise (|w| + eta for ndim <= 1).
+template <typename A>
+__device__ __forceinline__ A scale_t(int mode, A w, A eta, int64_t fsize, const A* fnorms, int64_t i) {
+  if (mode == sam::kSam) return A(1);
+  const A filter_value = (mode == sam::kFilter && fsize) ? fnorms[row_of(i, fsize)] : abs_of(w);
+  return sam::asam_scale<A>(w, eta, filter_value, mode);
+}
+
+// R-SAM's sigma of element i: gamma ||w_row|| / sqrt(n_row) (ndim >= 2) or gamma |w_i| (ndim <= 1).
+template <typename A>
+__device__ __forceinline__ A noise_std(A w, A gamma, A gamma_over_sqrt_n, int64_t fsize, const A* fnorms, int64_t i) {
+  return fsize ? gamma_over_sqrt_n * fnorms[row_of(i, fsize)] : gamma * abs_of(w);
+}
+
+// ------------------------------------------------------------------ kernels
+// ||f_i|| of every filter: a warp per filter (rows_per_block filters per block) or a block per long filter.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    filter_norms_kernel(const __grid_constant__ TensorList<1> m, at::opmath_type<scalar_t>* norms) {
+  using A = at::opmath_type<scalar_t>;
+  const int t = tensor_of_block(m, static_cast<int32_t>(blockIdx.x));
+  const int64_t unit = static_cast<int32_t>(blockIdx.x) - m.first_block[t];
+  const auto* w = static_cast<const scalar_t*>(m.ptr[0][t]);
+  const int64_t fsize = m.fsize[t], rows = m.numel[t] / fsize;
+  A* out = norms + m.fnorm_off[t];
+  if (m.rows_per_block[t] == 1) {
+    const scalar_t* row = w + unit * fsize;
+    A sum[1] = {A(0)};
+    for (int64_t k = threadIdx.x; k < fsize; k += blockDim.x) {
+      const A x = static_cast<A>(row[k]);
+      sum[0] += x * x;
+    }
+    __shared__ A shared[32];
+    block_sum<1>(sum, shared);
+    if (threadIdx.x == 0) out[unit] = sqrt_of(sum[0]);
+    return;
+  }
+  const int64_t r = unit * m.rows_per_block[t] + (threadIdx.x >> 5);
+  if (r >= rows) return;  // whole warps leave together: the shuffles below stay converged
+  const scalar_t* row = w + r * fsize;
+  A sum = A(0);
+  for (int64_t k = threadIdx.x & 31; k < fsize; k += 32) {
+    const A x = static_cast<A>(row[k]);
+    sum += x * x;
+  }
+  sum = warp_sum(sum);
+  if ((threadIdx.x & 31) == 0) out[r] = sqrt_of(sum);
+}
+
+// Partial sums of (t * g)^2, one per block. Pointers: w, g. param[0]: eta.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    scaled_grad_sq_kernel(const __grid_constant__ TensorList<2> m, int mode, const at::opmath_type<scalar_t>* norms,
+                          at::opmath_type<scalar_t>* partials) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  const auto* w = static_cast<const scalar_t*>(m.ptr[0][b.t]);
+  const auto* g = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  const A eta = static_cast<A>(m.param[0][b.t]);
+  const int64_t fsize = m.fsize[b.t];
+  const A* fnorms = norms + m.fnorm_off[b.t];
+  const bool vec = m.vec_ok[b.t];
+  A sum[1] = {A(0)};
+  for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+    A wv[VEC], gv[VEC];
+    if (mode != sam::kSam) load<VEC>(w, i, n, vec, wv);
+    load<VEC>(g, i, n, vec, gv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (k < n) {
+        const A tg = scale_t<A>(mode, mode != sam::kSam ? wv[k] : A(0), eta, fsize, fnorms, i + k) * gv[k];
+        sum[0] += tg * tg;
+      }
+    }
+  });
+  __shared__ A shared[32];
+  block_sum<1>(sum, shared);
+  if (threadIdx.x == 0) partials[m.partial0 + blockIdx.x] = sum[0];
+}
+
+// saved <- w; w <- w + eps, eps = s t^2 g (p = 2) or s t sign(g) (p = inf); non-finite eps -> 0.
+// Pointers: w, g, saved. param[0]: eta. scalar[0]: s.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    perturb_kernel(const __grid_constant__ TensorList<3> m, int mode, bool p_inf, const at::opmath_type<scalar_t>* norms) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  auto* w = static_cast<scalar_t*>(m.ptr[0][b.t]);
+  const auto* g = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  auto* saved = static_cast<scalar_t*>(m.ptr[2][b.t]);
+  const A eta = static_cast<A>(m.param[0][b.t]);
+  const A s = *static_cast<const A*>(m.scalar[0][b.t]);
+  const int64_t fsize = m.fsize[b.t];
+  const A* fnorms = norms + m.fnorm_off[b.t];
+  const bool vec = m.vec_ok[b.t];
+  for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+    scalar_t raw[VEC];
+    A gv[VEC], out[VEC];
+    load<VEC>(w, i, n, vec, raw);
+    load<VEC>(g, i, n, vec, gv);
+    store<VEC>(saved, i, n, vec, raw);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const A wk = static_cast<A>(raw[k]);
+      const A t = k < n ? scale_t<A>(mode, wk, eta, fsize, fnorms, i + k) : A(0);
+      out[k] = wk + sam::finite_or_zero(sam::sam_perturbation<A>(s, t, gv[k], p_inf));
+    }
+    store<VEC>(w, i, n, vec, out);
+  });
+}
+
+// w <- saved, bit-exactly. Pointers: w, saved.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) restore_kernel(const __grid_constant__ TensorList<2> m) {
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  auto* w = static_cast<scalar_t*>(m.ptr[0][b.t]);
+  const auto* saved = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  const bool vec = m.vec_ok[b.t];
+  for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+    scalar_t raw[VEC];
+    load<VEC>(saved, i, n, vec, raw);
+    store<VEC>(w, i, n, vec, raw);
+  });
+}
+
+// saved <- w; w <- w + sigma z. Pointers: w, saved. param: gamma, gamma / sqrt(n_row).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    add_noise_kernel(const __grid_constant__ TensorList<2> m, sam::NormalStream base, const at::opmath_type<scalar_t>* norms) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  auto* w = static_cast<scalar_t*>(m.ptr[0][b.t]);
+  auto* saved = static_cast<scalar_t*>(m.ptr[1][b.t]);
+  const A gamma = static_cast<A>(m.param[0][b.t]), gamma_over_sqrt_n = static_cast<A>(m.param[1][b.t]);
+  const int64_t fsize = m.fsize[b.t], offset = m.elem_off[b.t];
+  const A* fnorms = norms + m.fnorm_off[b.t];
+  const bool vec = m.vec_ok[b.t];
+  sam::NormalStream z = base;
+  z.j = m.index[b.t];
+  for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+    scalar_t raw[VEC];
+    A out[VEC];
+    load<VEC>(w, i, n, vec, raw);
+    store<VEC>(saved, i, n, vec, raw);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const A wk = static_cast<A>(raw[k]);
+      out[k] = k < n ? wk + noise_std<A>(wk, gamma, gamma_over_sqrt_n, fsize, fnorms, i + k) * z(offset + i + k) : wk;
+    }
+    store<VEC>(w, i, n, vec, out);
+  });
+}
+
+// Partial (sum delta^2, sum g^2, lambda sum delta g, lambda^2 sum g^2) per block, delta regenerated
+// from the saved weights. Pointers: g, saved. param: gamma, gamma / sqrt(n_row), lambda.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    noise_grad_sums_kernel(const __grid_constant__ TensorList<2> m, sam::NormalStream base,
+                           const at::opmath_type<scalar_t>* norms, at::opmath_type<scalar_t>* partials) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  const auto* g = static_cast<const scalar_t*>(m.ptr[0][b.t]);
+  const auto* saved = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  const A gamma = static_cast<A>(m.param[0][b.t]), gamma_over_sqrt_n = static_cast<A>(m.param[1][b.t]);
+  const int64_t fsize = m.fsize[b.t], offset = m.elem_off[b.t];
+  const A* fnorms = norms + m.fnorm_off[b.t];
+  const bool vec = m.vec_ok[b.t];
+  sam::NormalStream z = base;
+  z.j = m.index[b.t];
+  A sum[3] = {A(0), A(0), A(0)};
+  for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+    A sv[VEC], gv[VEC];
+    load<VEC>(saved, i, n, vec, sv);
+    load<VEC>(g, i, n, vec, gv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (k < n) {
+        const A delta = noise_std<A>(sv[k], gamma, gamma_over_sqrt_n, fsize, fnorms, i + k) * z(offset + i + k);
+        sum[0] += delta * delta;
+        sum[1] += gv[k] * gv[k];
+        sum[2] += delta * gv[k];
+      }
+    }
+  });
+  __shared__ A shared[3 * 32];
+  block_sum<3>(sum, shared);
+  if (threadIdx.x == 0) {
+    const A lam = static_cast<A>(m.param[2][b.t]);
+    A* out = partials + 4 * (m.partial0 + blockIdx.x);
+    out[0] = sum[0];
+    out[1] = sum[1];
+    out[2] = lam * sum[2];
+    out[3] = lam * lam * sum[1];
+  }
+}
+
+// w <- saved + a delta + b g (non-finite a delta + b g -> 0). Pointers: w, g, saved. scalar: a, b.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    mix_perturb_kernel(const __grid_constant__ TensorList<3> m, sam::NormalStream base, const at::opmath_type<scalar_t>* norms) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  auto* w = static_cast<scalar_t*>(m.ptr[0][b.t]);
+  const auto* g = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  const auto* saved = static_cast<const scalar_t*>(m.ptr[2][b.t]);
+  const A gamma = static_cast<A>(m.param[0][b.t]), gamma_over_sqrt_n = static_cast<A>(m.param[1][b.t]);
+  const A a = *static_cast<const A*>(m.scalar[0][b.t]), c = *static_cast<const A*>(m.scalar[1][b.t]);
+  const int64_t fsize = m.fsize[b.t], offset = m.elem_off[b.t];
+  const A* fnorms = norms + m.fnorm_off[b.t];
+  const bool vec = m.vec_ok[b.t];
+  sam::NormalStream z = base;
+  z.j = m.index[b.t];
+  for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+    A sv[VEC], gv[VEC], out[VEC];
+    load<VEC>(saved, i, n, vec, sv);
+    load<VEC>(g, i, n, vec, gv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const A delta = k < n ? noise_std<A>(sv[k], gamma, gamma_over_sqrt_n, fsize, fnorms, i + k) * z(offset + i + k) : A(0);
+      out[k] = sv[k] + sam::finite_or_zero(a * delta + c * gv[k]);
+    }
+    store<VEC>(w, i, n, vec, out);
+  });
+}
+
+// out[k] = sum over slots of partials[slot * W + k], in a fixed order (one block).
+template <typename A, int W>
+__global__ void __launch_bounds__(kSumThreads) sum_partials_kernel(const A* partials, int64_t count, A* out) {
+  A sum[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) sum[k] = A(0);
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x)
+#pragma unroll
+    for (int k = 0; k < W; ++k) sum[k] += partials[i * W + k];
+  __shared__ A shared[W * 32];
+  block_sum<W>(sum, shared);
+  if (threadIdx.x == 0)
+#pragma unroll
+    for (int k = 0; k < W; ++k) out[k] = sum[k];
+}
+
+__global__ void standard_normal_kernel(float* out, int64_t numel, int64_t offset, sam::NormalStream base) {
+  sam::NormalStream z = base;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * 4;
+  for (int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4; i < numel; i += stride)
+    for (int k = 0; k < 4 && i + k < numel; ++k) out[i + k] = z(offset + i + k);
+}
+
+// --------------------------------------------------------------- host side
+at::ScalarType acc_type(at::ScalarType type) { return type == at::kDouble ? at::kDouble : at::kFloat; }
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Every tensor: defined, contiguous, on `like`'s CUDA device, of `like`'s dtype; `count` of them.
+void check_list(const std::vector<at::Tensor>& tensors, const at::Tensor& like, const char* what, size_t count) {
+  TORCH_CHECK(tensors.size() == count, "sam_kernels cuda: ", count, " ", what, " expected, got ", tensors.size());
+  for (const auto& t : tensors) {
+    TORCH_CHECK(t.defined() && t.is_cuda() && t.device() == like.device(), "sam_kernels cuda: every ", what,
+                " must be a CUDA tensor on ", like.device());
+    TORCH_CHECK(t.is_contiguous(), "sam_kernels cuda: every ", what, " must be contiguous");
+    TORCH_CHECK(t.scalar_type() == like.scalar_type(), "sam_kernels cuda: every ", what, " must be ",
+                like.scalar_type(), " (got ", t.scalar_type(), ")");
+  }
+}
+
+int64_t filter_size(const at::Tensor& t) { return t.dim() >= 2 && t.size(0) ? t.numel() / t.size(0) : 0; }
+
+// The norms of every filter of the ndim >= 2 tensors in one pass; offsets[j] is tensor j's first slot.
+struct FilterNorms {
+  at::Tensor buffer;
+  std::vector<int64_t> offsets;
+};
+
+FilterNorms compute_filter_norms(const std::vector<at::Tensor>& tensors) {
+  FilterNorms result;
+  std::vector<TensorEntry> entries;
+  int64_t total = 0;
+  for (const auto& t : tensors) {
+    result.offsets.push_back(total);
+    const int64_t fsize = filter_size(t);
+    if (!fsize || !t.numel()) continue;
+    TensorEntry e;
+    e.ptr[0] = t.data_ptr();
+    e.numel = t.numel();
+    e.fsize = fsize;
+    e.fnorm_off = total;
+    e.rows_per_block = fsize > kWholeBlockRow ? 1 : kWarps;
+    e.units = ceil_div(t.size(0), e.rows_per_block);
+    entries.push_back(e);
+    total += t.size(0);
+  }
+  const at::Tensor& like = tensors.front();
+  result.buffer = at::empty({total > 0 ? total : 1}, like.options().dtype(acc_type(like.scalar_type())));
+  if (entries.empty()) return result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "sam_filter_norms", [&] {
+    using A = at::opmath_type<scalar_t>;
+    A* out = result.buffer.data_ptr<A>();
+    launch_lists<1>(entries, [&](const TensorList<1>& meta, int64_t blocks) {
+      filter_norms_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return result;
+}
+
+// One entry per non-empty tensor: chunks of kChunk elements.
+TensorEntry chunk_entry(const at::Tensor& t, std::initializer_list<const at::Tensor*> pointers) {
+  TensorEntry e;
+  int k = 0;
+  for (const at::Tensor* p : pointers) e.ptr[k++] = p->data_ptr();
+  e.numel = t.numel();
+  e.fsize = filter_size(t);
+  e.units = ceil_div(t.numel(), kChunk);
+  return e;
+}
+
+// Per-tensor device scalars in the accumulation dtype; tensors sharing a scalar share one conversion.
+class DeviceScalars {
+ public:
+  DeviceScalars(const at::Tensor& like, at::ScalarType acc) : device_(like.device()), acc_(acc) {}
+  const void* operator()(const at::Tensor& s, const char* what) {
+    TORCH_CHECK(s.defined() && s.numel() == 1 && s.device() == device_, "sam_kernels cuda: every ", what,
+                " must be a one-element tensor on ", device_);
+    auto it = converted_.find(s.unsafeGetTensorImpl());
+    if (it == converted_.end())
+      it = converted_.emplace(s.unsafeGetTensorImpl(), s.to(acc_).contiguous()).first;
+    return it->second.data_ptr();
+  }
+
+ private:
+  at::Device device_;
+  at::ScalarType acc_;
+  std::unordered_map<const c10::TensorImpl*, at::Tensor> converted_;
+};
+
+sam::NormalStream noise_stream(uint64_t seed, int64_t step) {
+  return sam::NormalStream{0u, static_cast<uint32_t>(step & 0xFFFFFFFF), static_cast<uint32_t>(seed & 0xFFFFFFFFu),
+                           static_cast<uint32_t>(seed >> 32)};
+}
+
+// Partial sums of W values per block -> their fixed-order total, in the accumulation dtype.
+template <typename A, int W>
+at::Tensor total_of(const at::Tensor& partials, int64_t count) {
+  if (!count) return at::zeros({W}, partials.options());
+  at::Tensor out = at::empty({W}, partials.options());
+  sum_partials_kernel<A, W><<<1, kSumThreads, 0, stream()>>>(partials.data_ptr<A>(), count, out.data_ptr<A>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+int64_t total_units(const std::vector<TensorEntry>& entries) {
+  int64_t units = 0;
+  for (const auto& e : entries) units += e.units;
+  return units;
+}
+
+}  // namespace
+
+std::vector<at::Tensor> filter_norms(const std::vector<at::Tensor>& tensors) {
+  if (tensors.empty()) return {};
+  const c10::cuda::CUDAGuard guard(tensors.front().device());
+  check_list(tensors, tensors.front(), "tensor", tensors.size());
+  const FilterNorms norms = compute_filter_norms(tensors);
+  std::vector<at::Tensor> out;
+  for (size_t j = 0; j < tensors.size(); ++j) {
+    const at::Tensor& t = tensors[j];
+    if (t.dim() >= 2)
+      out.push_back(filter_size(t) ? norms.buffer.narrow(0, norms.offsets[j], t.size(0))
+                                   : at::zeros({t.size(0)}, norms.buffer.options()));
+    else
+      out.push_back(t.abs().to(acc_type(t.scalar_type())));
+  }
+  return out;
+}
+
+at::Tensor scaled_grad_sq_sum(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                              const std::vector<double>& etas, int64_t mode) {
+  TORCH_CHECK(!params.empty(), "sam_kernels cuda: empty tensor list");
+  const c10::cuda::CUDAGuard guard(params.front().device());
+  check_list(params, params.front(), "weight", params.size());
+  check_list(grads, params.front(), "gradient", params.size());
+  TORCH_CHECK(etas.size() == params.size(), "sam_kernels cuda: one eta per tensor expected");
+  const FilterNorms norms = mode == sam::kFilter ? compute_filter_norms(params) : FilterNorms{};
+  std::vector<TensorEntry> entries;
+  for (size_t j = 0; j < params.size(); ++j) {
+    if (!params[j].numel()) continue;
+    TensorEntry e = chunk_entry(params[j], {&params[j], &grads[j]});
+    e.param[0] = etas[j];
+    if (norms.buffer.defined()) e.fnorm_off = norms.offsets[j];
+    entries.push_back(e);
+  }
+  const int64_t units = total_units(entries);
+  const at::ScalarType acc = acc_type(params.front().scalar_type());
+  at::Tensor partials = at::empty({units > 0 ? units : 1}, params.front().options().dtype(acc));
+  at::Tensor total;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.front().scalar_type(), "sam_scaled_grad_sq", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* fnorms = norms.buffer.defined() ? norms.buffer.data_ptr<A>() : nullptr;
+    A* out = partials.data_ptr<A>();
+    launch_lists<2>(entries, [&](const TensorList<2>& meta, int64_t blocks) {
+      scaled_grad_sq_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(
+          meta, static_cast<int>(mode), fnorms, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    total = total_of<A, 1>(partials, units);
+  });
+  return total.squeeze(0);
+}
+
+void perturb_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+              const std::vector<at::Tensor>& saved, const std::vector<at::Tensor>& scales,
+              const std::vector<double>& etas, int64_t mode, bool p_inf) {
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params.front().device());
+  check_list(params, params.front(), "weight", params.size());
+  check_list(grads, params.front(), "gradient", params.size());
+  check_list(saved, params.front(), "saved copy", params.size());
+  TORCH_CHECK(scales.size() == params.size() && etas.size() == params.size(),
+              "sam_kernels cuda: one scale and one eta per tensor expected");
+  const FilterNorms norms = mode == sam::kFilter ? compute_filter_norms(params) : FilterNorms{};
+  const at::ScalarType acc = acc_type(params.front().scalar_type());
+  DeviceScalars scalars(params.front(), acc);
+  std::vector<TensorEntry> entries;
+  for (size_t j = 0; j < params.size(); ++j) {
+    if (!params[j].numel()) continue;
+    TensorEntry e = chunk_entry(params[j], {&params[j], &grads[j], &saved[j]});
+    e.param[0] = etas[j];
+    e.scalar[0] = scalars(scales[j], "scale");
+    if (norms.buffer.defined()) e.fnorm_off = norms.offsets[j];
+    entries.push_back(e);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.front().scalar_type(), "sam_perturb", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* fnorms = norms.buffer.defined() ? norms.buffer.data_ptr<A>() : nullptr;
+    launch_lists<3>(entries, [&](const TensorList<3>& meta, int64_t blocks) {
+      perturb_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(
+          meta, static_cast<int>(mode), p_inf, fnorms);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void restore_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& saved) {
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params.front().device());
+  check_list(params, params.front(), "weight", params.size());
+  check_list(saved, params.front(), "saved copy", params.size());
+  std::vector<TensorEntry> entries;
+  for (size_t j = 0; j < params.size(); ++j)
+    if (params[j].numel()) entries.push_back(chunk_entry(params[j], {&params[j], &saved[j]}));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.front().scalar_type(), "sam_restore", [&] {
+    launch_lists<2>(entries, [&](const TensorList<2>& meta, int64_t blocks) {
+      restore_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+namespace {
+
+// Entries of an R-SAM pass: sigma factors, noise stream index and offset, filter norms of `norm_source`.
+std::vector<TensorEntry> noise_entries(const std::vector<at::Tensor>& shape_source,
+                                       const std::vector<std::initializer_list<const at::Tensor*>>& pointers,
+                                       const FilterNorms& norms, const std::vector<double>& gammas,
+                                       const std::vector<int64_t>& tensor_indices,
+                                       const std::vector<int64_t>& element_offsets) {
+  const size_t count = shape_source.size();
+  TORCH_CHECK(gammas.size() == count && tensor_indices.size() == count && element_offsets.size() == count,
+              "sam_kernels cuda: one gamma, tensor index and element offset per tensor expected");
+  std::vector<TensorEntry> entries;
+  for (size_t j = 0; j < count; ++j) {
+    const at::Tensor& t = shape_source[j];
+    if (!t.numel()) continue;
+    TensorEntry e = chunk_entry(t, pointers[j]);
+    e.param[0] = gammas[j];
+    e.param[1] = e.fsize ? gammas[j] / std::sqrt(static_cast<double>(e.fsize)) : gammas[j];
+    e.fnorm_off = norms.offsets[j];
+    e.index = static_cast<uint32_t>(tensor_indices[j]);
+    e.elem_off = element_offsets[j];
+    entries.push_back(e);
+  }
+  return entries;
+}
+
+}  // namespace
+
+void add_noise_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& saved,
+                const std::vector<double>& gammas, uint64_t seed, const std::vector<int64_t>& tensor_indices,
+                int64_t step, const std::vector<int64_t>& element_offsets) {
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params.front().device());
+  check_list(params, params.front(), "weight", params.size());
+  check_list(saved, params.front(), "saved copy", params.size());
+  const FilterNorms norms = compute_filter_norms(params);  // of w before the noise
+  std::vector<std::initializer_list<const at::Tensor*>> pointers;
+  for (size_t j = 0; j < params.size(); ++j) pointers.push_back({&params[j], &saved[j]});
+  const auto entries = noise_entries(params, pointers, norms, gammas, tensor_indices, element_offsets);
+  const sam::NormalStream base = noise_stream(seed, step);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.front().scalar_type(), "sam_add_noise", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* fnorms = norms.buffer.data_ptr<A>();
+    launch_lists<2>(entries, [&](const TensorList<2>& meta, int64_t blocks) {
+      add_noise_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta, base, fnorms);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor noise_grad_sums(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& saved,
+                           const std::vector<double>& gammas, const std::vector<double>& lams, uint64_t seed,
+                           const std::vector<int64_t>& tensor_indices, int64_t step,
+                           const std::vector<int64_t>& element_offsets) {
+  TORCH_CHECK(!saved.empty(), "sam_kernels cuda: empty tensor list");
+  const c10::cuda::CUDAGuard guard(saved.front().device());
+  check_list(saved, saved.front(), "saved copy", saved.size());
+  check_list(grads, saved.front(), "gradient", saved.size());
+  TORCH_CHECK(lams.size() == saved.size(), "sam_kernels cuda: one lambda per tensor expected");
+  const FilterNorms norms = compute_filter_norms(saved);
+  std::vector<std::initializer_list<const at::Tensor*>> pointers;
+  for (size_t j = 0; j < saved.size(); ++j) pointers.push_back({&grads[j], &saved[j]});
+  auto entries = noise_entries(saved, pointers, norms, gammas, tensor_indices, element_offsets);
+  for (size_t j = 0, e = 0; j < saved.size(); ++j)
+    if (saved[j].numel()) entries[e++].param[2] = lams[j];
+  const int64_t units = total_units(entries);
+  const at::ScalarType acc = acc_type(saved.front().scalar_type());
+  at::Tensor partials = at::empty({4 * (units > 0 ? units : 1)}, saved.front().options().dtype(acc));
+  const sam::NormalStream base = noise_stream(seed, step);
+  at::Tensor total;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, saved.front().scalar_type(), "sam_noise_grad_sums", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* fnorms = norms.buffer.data_ptr<A>();
+    A* out = partials.data_ptr<A>();
+    launch_lists<2>(entries, [&](const TensorList<2>& meta, int64_t blocks) {
+      noise_grad_sums_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta, base, fnorms, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    total = total_of<A, 4>(partials, units);
+  });
+  return total;
+}
+
+void mix_perturb_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                  const std::vector<at::Tensor>& saved, const std::vector<at::Tensor>& noise_coefs,
+                  const std::vector<at::Tensor>& grad_coefs, const std::vector<double>& gammas, uint64_t seed,
+                  const std::vector<int64_t>& tensor_indices, int64_t step,
+                  const std::vector<int64_t>& element_offsets) {
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params.front().device());
+  check_list(params, params.front(), "weight", params.size());
+  check_list(grads, params.front(), "gradient", params.size());
+  check_list(saved, params.front(), "saved copy", params.size());
+  TORCH_CHECK(noise_coefs.size() == params.size() && grad_coefs.size() == params.size(),
+              "sam_kernels cuda: one noise and one gradient coefficient per tensor expected");
+  const FilterNorms norms = compute_filter_norms(saved);  // sigma uses the weights before the noise
+  std::vector<std::initializer_list<const at::Tensor*>> pointers;
+  for (size_t j = 0; j < params.size(); ++j) pointers.push_back({&params[j], &grads[j], &saved[j]});
+  auto entries = noise_entries(saved, pointers, norms, gammas, tensor_indices, element_offsets);
+  DeviceScalars scalars(params.front(), acc_type(params.front().scalar_type()));
+  for (size_t j = 0, e = 0; j < params.size(); ++j) {
+    if (!params[j].numel()) continue;
+    entries[e].scalar[0] = scalars(noise_coefs[j], "noise coefficient");
+    entries[e].scalar[1] = scalars(grad_coefs[j], "gradient coefficient");
+    ++e;
+  }
+  const sam::NormalStream base = noise_stream(seed, step);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params.front().scalar_type(), "sam_mix_perturb", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const A* fnorms = norms.buffer.data_ptr<A>();
+    launch_lists<3>(entries, [&](const TensorList<3>& meta, int64_t blocks) {
+      mix_perturb_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta, base, fnorms);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor standard_normal(int64_t numel, uint64_t seed, int64_t tensor_index, int64_t step, int64_t offset) {
+  TORCH_CHECK(numel >= 0, "numel must be >= 0");
+  at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
+  if (!numel) return out;
+  sam::NormalStream base = noise_stream(seed, step);
+  base.j = static_cast<uint32_t>(tensor_index);
+  const int64_t groups = ceil_div(numel, 4);
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(groups, kThreads), 65535));
+  standard_normal_kernel<<<blocks, kThreads, 0, stream()>>>(out.data_ptr<float>(), numel, offset, base);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace sam_cuda

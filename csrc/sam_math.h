@@ -1,0 +1,113 @@
+// Per-element math of sam_kernels, shared by the host (C++) and device (CUDA) builds.
+// It follows DESIGN.md §2 equation by equation; the Python reference backend is the oracle.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define SAM_HD __host__ __device__ __forceinline__
+#else
+#define SAM_HD inline
+#endif
+
+namespace sam {
+
+// ASAM scale t: SAM (t = 1), element-wise |w| + eta, filter-wise ||f_i|| + eta.
+enum Mode : int { kSam = 0, kElement = 1, kFilter = 2 };
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+constexpr float kTwoPi = 6.2831854820251465f;  // float32(2*pi)
+
+struct Uint4 {
+  uint32_t x[4];
+};
+
+SAM_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t product = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  hi = static_cast<uint32_t>(product >> 32);
+  lo = static_cast<uint32_t>(product);
+}
+
+// Philox4x32-10 (Salmon et al. 2011): 10 rounds, the key bumped by (W0, W1) between rounds.
+SAM_HD Uint4 philox4x32_10(Uint4 c, uint32_t k0, uint32_t k1) {
+  for (int round = 0; round < 10; ++round) {
+    if (round) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kPhiloxM0, c.x[0], hi0, lo0);
+    mulhilo32(kPhiloxM1, c.x[2], hi1, lo1);
+    c = Uint4{{hi1 ^ c.x[1] ^ k0, lo1, hi0 ^ c.x[3] ^ k1, lo0}};
+  }
+  return c;
+}
+
+// u = ((x >> 9) + 0.5) * 2^-23: exact in float32, strictly inside (0, 1).
+SAM_HD float unit_float(uint32_t x) { return (static_cast<float>(x >> 9) + 0.5f) * 1.1920928955078125e-07f; }
+
+// The Philox outputs of noise block c (elements 4c .. 4c+3) of tensor j at R-SAM step s:
+// counter (c mod 2^32, c >> 32, j, s).
+SAM_HD Uint4 noise_block(uint64_t block, uint32_t j, uint32_t step, uint32_t k0, uint32_t k1) {
+  return philox4x32_10(Uint4{{static_cast<uint32_t>(block), static_cast<uint32_t>(block >> 32), j, step}}, k0, k1);
+}
+
+// z_k of a block: Box-Muller on (u0, u1) for k = 0, 1 and on (u2, u3) for k = 2, 3; even k takes
+// r cos(2 pi u_b), odd k takes r sin(2 pi u_b), all in float32.
+SAM_HD float block_normal(const Uint4& x, int k) {
+  const float ua = unit_float(x.x[k < 2 ? 0 : 2]);
+  const float ub = unit_float(x.x[k < 2 ? 1 : 3]);
+  const float radius = sqrtf(-2.0f * logf(ua));
+  const float theta = kTwoPi * ub;
+  return (k & 1) ? radius * sinf(theta) : radius * cosf(theta);
+}
+
+// Standard normal of element e of tensor j at R-SAM step s: element 4c + k takes z_k of block c.
+SAM_HD float standard_normal(int64_t e, uint32_t j, uint32_t step, uint32_t k0, uint32_t k1) {
+  return block_normal(noise_block(static_cast<uint64_t>(e) >> 2, j, step, k0, k1), static_cast<int>(e & 3));
+}
+
+// The same stream for consecutive elements: one Philox call per block of four instead of one per element.
+struct NormalStream {
+  uint32_t j, step, k0, k1;
+  uint64_t cached_block = ~uint64_t(0);
+  Uint4 words{};
+  SAM_HD float operator()(int64_t e) {
+    const uint64_t block = static_cast<uint64_t>(e) >> 2;
+    if (block != cached_block) {
+      words = noise_block(block, j, step, k0, k1);
+      cached_block = block;
+    }
+    return block_normal(words, static_cast<int>(e & 3));
+  }
+};
+
+// t for one element: filter_value is ||f_i|| (ndim >= 2) or |w| (ndim <= 1).
+template <typename acc_t>
+SAM_HD acc_t asam_scale(acc_t w, acc_t eta, acc_t filter_value, int mode) {
+  if (mode == kSam) return acc_t(1);
+  if (mode == kElement) return (w < acc_t(0) ? -w : w) + eta;
+  return filter_value + eta;
+}
+
+// epsilon = s * t^2 * g (p = 2) or s * t * sign(g) (p = inf).
+template <typename acc_t>
+SAM_HD acc_t sam_perturbation(acc_t scale, acc_t t, acc_t g, bool p_inf) {
+  if (p_inf) {
+    const acc_t sign = g > acc_t(0) ? acc_t(1) : (g < acc_t(0) ? acc_t(-1) : acc_t(0));
+    return scale * t * sign;
+  }
+  return scale * t * t * g;
+}
+
+// A skipped (non-finite) step has every scale zero, so eps = 0 * g may be NaN: make it 0.
+template <typename acc_t>
+SAM_HD acc_t finite_or_zero(acc_t x) {
+  return (x - x == acc_t(0)) ? x : acc_t(0);
+}
+
+}  // namespace sam
