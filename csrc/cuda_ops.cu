@@ -366,7 +366,10 @@ FilterNorms compute_filter_norms(const std::vector<at::Tensor>& tensors) {
 }
 
 // One entry per non-empty tensor: chunks of kChunk elements.
-TensorEntry chunk_entry(const at::Tensor& t, std::initializer_list<const at::Tensor*> pointers) {
+using Pointers = std::vector<const at::Tensor*>;  // the tensors whose data a pass reads or writes, in kernel order
+
+TensorEntry chunk_entry(const at::Tensor& t, const Pointers& pointers) {
+  TORCH_CHECK(pointers.size() <= static_cast<size_t>(kMaxPointers), "sam_kernels cuda: too many tensors per element");
   TensorEntry e;
   int k = 0;
   for (const at::Tensor* p : pointers) e.ptr[k++] = p->data_ptr();
@@ -522,7 +525,7 @@ namespace {
 
 // Entries of an R-SAM pass: sigma factors, noise stream index and offset, filter norms of `norm_source`.
 std::vector<TensorEntry> noise_entries(const std::vector<at::Tensor>& shape_source,
-                                       const std::vector<std::initializer_list<const at::Tensor*>>& pointers,
+                                       const std::vector<Pointers>& pointers,
                                        const FilterNorms& norms, const std::vector<double>& gammas,
                                        const std::vector<int64_t>& tensor_indices,
                                        const std::vector<int64_t>& element_offsets) {
@@ -554,7 +557,7 @@ void add_noise_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
   check_list(params, params.front(), "weight", params.size());
   check_list(saved, params.front(), "saved copy", params.size());
   const FilterNorms norms = compute_filter_norms(params);  // of w before the noise
-  std::vector<std::initializer_list<const at::Tensor*>> pointers;
+  std::vector<Pointers> pointers;
   for (size_t j = 0; j < params.size(); ++j) pointers.push_back({&params[j], &saved[j]});
   const auto entries = noise_entries(params, pointers, norms, gammas, tensor_indices, element_offsets);
   const sam::NormalStream base = noise_stream(seed, step);
@@ -578,7 +581,7 @@ at::Tensor noise_grad_sums(const std::vector<at::Tensor>& grads, const std::vect
   check_list(grads, saved.front(), "gradient", saved.size());
   TORCH_CHECK(lams.size() == saved.size(), "sam_kernels cuda: one lambda per tensor expected");
   const FilterNorms norms = compute_filter_norms(saved);
-  std::vector<std::initializer_list<const at::Tensor*>> pointers;
+  std::vector<Pointers> pointers;
   for (size_t j = 0; j < saved.size(); ++j) pointers.push_back({&grads[j], &saved[j]});
   auto entries = noise_entries(saved, pointers, norms, gammas, tensor_indices, element_offsets);
   for (size_t j = 0, e = 0; j < saved.size(); ++j)
@@ -614,7 +617,7 @@ void mix_perturb_(const std::vector<at::Tensor>& params, const std::vector<at::T
   TORCH_CHECK(noise_coefs.size() == params.size() && grad_coefs.size() == params.size(),
               "sam_kernels cuda: one noise and one gradient coefficient per tensor expected");
   const FilterNorms norms = compute_filter_norms(saved);  // sigma uses the weights before the noise
-  std::vector<std::initializer_list<const at::Tensor*>> pointers;
+  std::vector<Pointers> pointers;
   for (size_t j = 0; j < params.size(); ++j) pointers.push_back({&params[j], &grads[j], &saved[j]});
   auto entries = noise_entries(saved, pointers, norms, gammas, tensor_indices, element_offsets);
   DeviceScalars scalars(params.front(), acc_type(params.front().scalar_type()));
