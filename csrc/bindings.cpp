@@ -1,20 +1,31 @@
 // pybind11 module sam_kernels._C: the host operations and, when built with CUDA (SAM_WITH_CUDA), the
-// device ones. Both submodules expose the same functions with the same signatures (host_ops.h, cuda_ops.h).
+// device ones. Both submodules expose the same functions with the same signatures: the routed forms
+// of routed_ops.h, which take any lists and return the positions they left to the caller.
 #include <torch/extension.h>
 
 #include "host_ops.h"
+#include "routed_ops.h"
 #ifdef SAM_WITH_CUDA
 #include "cuda_ops.h"
 #endif
 
-#define SAM_BIND_OPERATIONS(module, ns)                                                                  \
-  module.def("filter_norms", &ns::filter_norms, "||f_i|| per filter (ndim >= 2), |w| otherwise");       \
-  module.def("scaled_grad_sq_sum", &ns::scaled_grad_sq_sum, "sum of (t * g)^2 over the list");          \
-  module.def("perturb_", &ns::perturb_, "saved <- w; w <- w + eps");                                     \
-  module.def("restore_", &ns::restore_, "w <- saved, bit-exactly");                                      \
-  module.def("add_noise_", &ns::add_noise_, "saved <- w; w <- w + delta0 (Philox stream)");              \
-  module.def("noise_grad_sums", &ns::noise_grad_sums, "(sum d^2, sum g^2, sum l d g, sum l^2 g^2)");    \
-  module.def("mix_perturb_", &ns::mix_perturb_, "w <- saved + a delta0 + b g");                          \
+namespace {
+SAM_OPS_OF(sam_host);
+#ifdef SAM_WITH_CUDA
+SAM_OPS_OF(sam_cuda);
+#endif
+}  // namespace
+
+// Every operation returns (or returns last) the positions it did not take.
+#define SAM_BIND_OPERATIONS(module, ns)                                                                     \
+  using ns##_routed = sam::Routed<ns##_ops>;                                                              \
+  module.def("filter_norms", &ns##_routed::filter_norms, "||f_i|| per filter (ndim >= 2), |w| otherwise"); \
+  module.def("scaled_grad_sq_sum", &ns##_routed::scaled_grad_sq_sum, "sum of (t * g)^2 over the list");    \
+  module.def("perturb_", &ns##_routed::perturb_, "saved <- w; w <- w + eps");                               \
+  module.def("restore_", &ns##_routed::restore_, "w <- saved, bit-exactly");                                \
+  module.def("add_noise_", &ns##_routed::add_noise_, "saved <- w; w <- w + delta0 (Philox stream)");        \
+  module.def("noise_grad_sums", &ns##_routed::noise_grad_sums, "(sum d^2, sum g^2, sum l d g, sum l^2 g^2)"); \
+  module.def("mix_perturb_", &ns##_routed::mix_perturb_, "w <- saved + a delta0 + b g");                    \
   module.def("standard_normal", &ns::standard_normal, "the noise stream (numel, seed, j, step, offset)")
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -24,7 +35,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   host.def("philox4x32_10", &sam_host::philox4x32_10, "Philox4x32-10 of one counter (4 words) and key (2 words)");
 #ifdef SAM_WITH_CUDA
   m.attr("HAS_CUDA") = true;
-  auto cuda = m.def_submodule("cuda", "operations on CUDA tensors of one device and dtype (backend='cuda')");
+  auto cuda = m.def_submodule("cuda", "operations on CUDA tensors of one device (backend='cuda')");
   SAM_BIND_OPERATIONS(cuda, sam_cuda);
 #else
   m.attr("HAS_CUDA") = false;

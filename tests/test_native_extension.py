@@ -93,7 +93,7 @@ def test_cpp_routes_what_it_cannot_take_to_foreach():
     before = w.clone()
     F.add_noise_([w], [saved], gammas=0.1, seed=3, tensor_indices=[0], step=0, backend="cpp")
     assert torch.equal(saved, before) and not torch.equal(w, before)
-    assert native.ROUTED_TO_FOREACH[(4, 6)] == "non-contiguous weight or gradient"
+    assert "non-contiguous" in native.ROUTED_TO_FOREACH[(4, 6)]
 
 
 # ------------------------------------------------------------------ on a GPU

@@ -44,8 +44,17 @@ def _sum(parts: list[Tensor], shape: tuple[int, ...], device: torch.device) -> T
     return total
 
 
+def _leftover(tensors: Sequence[Tensor], skipped: list[int]) -> None:
+    for i in skipped:
+        ROUTED_TO_FOREACH[tuple(tensors[i].shape)] = "non-contiguous, or gradient dtype differs from the weight's"
+
+
 class NativeBackend:
-    """One backend over one submodule of the extension (``_C.host`` or ``_C.cuda``)."""
+    """One backend over one submodule of the extension (``_C.host`` or ``_C.cuda``).
+
+    Each extension call takes the whole lists, buckets them by dtype itself and
+    returns the positions it did not take; those go to foreach here.
+    """
 
     def __init__(self, name: str, ops, device_type: str):
         self.NAME = name
@@ -63,101 +72,72 @@ class NativeBackend:
     def __repr__(self) -> str:
         return f"<sam_kernels backend {self.NAME!r} (sam_kernels._C)>"
 
-    # ------------------------------------------------------------ routing
-    @staticmethod
-    def _split(weights: Sequence[Tensor], others: Sequence[Sequence[Tensor]]) -> tuple[list[list[int]], list[int]]:
-        """Positions the extension takes, bucketed by dtype, and positions routed to foreach."""
-        buckets: dict[torch.dtype, list[int]] = {}
-        fallback = []
-        for i, w in enumerate(weights):
-            tensors = [w] + [o[i] for o in others]
-            if not all(t.is_contiguous() for t in tensors):
-                ROUTED_TO_FOREACH[tuple(w.shape)] = "non-contiguous weight or gradient"
-                fallback.append(i)
-            elif any(t.dtype != w.dtype for t in tensors):
-                ROUTED_TO_FOREACH[tuple(w.shape)] = "gradient dtype differs from the weight's"
-                fallback.append(i)
-            else:
-                buckets.setdefault(w.dtype, []).append(i)
-        return list(buckets.values()), fallback
-
     @staticmethod
     def _offsets(element_offsets: Sequence[int] | None, count: int) -> list[int]:
         return list(element_offsets) if element_offsets is not None else [0] * count
 
-    # --------------------------------------------------------- operations
     def filter_norms(self, tensors: Sequence[Tensor]) -> list[Tensor]:
-        buckets, fallback = self._split(tensors, [])
-        out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-        for positions in buckets:
-            for i, norm in zip(positions, self._ops.filter_norms(_pick(tensors, positions))):
+        out, skipped = self._ops.filter_norms(list(tensors))
+        if skipped:
+            _leftover(tensors, skipped)
+            for i, norm in zip(skipped, _foreach.filter_norms(_pick(tensors, skipped))):
                 out[i] = norm
-        for i, norm in zip(fallback, _foreach.filter_norms(_pick(tensors, fallback))):
-            out[i] = norm
         return out
 
     def scaled_grad_sq_sum(self, params, grads, *, etas, adaptive):
-        buckets, fallback = self._split(params, [grads])
-        parts = [self._ops.scaled_grad_sq_sum(_pick(params, b), _pick(grads, b), _pick(etas, b), _MODES[adaptive])
-                 for b in buckets]
-        if fallback:
-            parts.append(_foreach.scaled_grad_sq_sum(_pick(params, fallback), _pick(grads, fallback),
-                                                     etas=_pick(etas, fallback), adaptive=adaptive))
+        total, skipped = self._ops.scaled_grad_sq_sum(params, grads, etas, _MODES[adaptive])
+        parts = [] if total is None else [total]
+        if skipped:
+            _leftover(params, skipped)
+            parts.append(_foreach.scaled_grad_sq_sum(_pick(params, skipped), _pick(grads, skipped),
+                                                     etas=_pick(etas, skipped), adaptive=adaptive))
         return _sum(parts, (), params[0].device)
 
     def perturb_(self, params, grads, saved, scales, *, etas, adaptive, p):
-        buckets, fallback = self._split(params, [grads, saved])
-        for b in buckets:
-            self._ops.perturb_(_pick(params, b), _pick(grads, b), _pick(saved, b), _pick(scales, b), _pick(etas, b),
-                               _MODES[adaptive], p != 2)
-        if fallback:
-            _foreach.perturb_(_pick(params, fallback), _pick(grads, fallback), _pick(saved, fallback),
-                              _pick(scales, fallback), etas=_pick(etas, fallback), adaptive=adaptive, p=p)
+        skipped = self._ops.perturb_(params, grads, saved, scales, etas, _MODES[adaptive], p != 2)
+        if skipped:
+            _leftover(params, skipped)
+            _foreach.perturb_(_pick(params, skipped), _pick(grads, skipped), _pick(saved, skipped),
+                              _pick(scales, skipped), etas=_pick(etas, skipped), adaptive=adaptive, p=p)
 
     def restore_(self, params, saved):
-        buckets, fallback = self._split(params, [saved])
-        for b in buckets:
-            self._ops.restore_(_pick(params, b), _pick(saved, b))
-        if fallback:
-            _foreach.restore_(_pick(params, fallback), _pick(saved, fallback))
+        skipped = self._ops.restore_(params, saved)
+        if skipped:
+            _leftover(params, skipped)
+            _foreach.restore_(_pick(params, skipped), _pick(saved, skipped))
 
     def add_noise_(self, params, saved, *, gammas, seed, tensor_indices, step, element_offsets=None):
         offsets = self._offsets(element_offsets, len(params))
-        buckets, fallback = self._split(params, [saved])
-        for b in buckets:
-            self._ops.add_noise_(_pick(params, b), _pick(saved, b), _pick(gammas, b), seed, _pick(tensor_indices, b),
-                                 step, _pick(offsets, b))
-        if fallback:
-            _foreach.add_noise_(_pick(params, fallback), _pick(saved, fallback), gammas=_pick(gammas, fallback),
-                                seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step,
-                                element_offsets=_pick(offsets, fallback))
+        skipped = self._ops.add_noise_(params, saved, gammas, seed, tensor_indices, step, offsets)
+        if skipped:
+            _leftover(params, skipped)
+            _foreach.add_noise_(_pick(params, skipped), _pick(saved, skipped), gammas=_pick(gammas, skipped),
+                                seed=seed, tensor_indices=_pick(tensor_indices, skipped), step=step,
+                                element_offsets=_pick(offsets, skipped))
 
     def noise_grad_sums(self, grads, saved, *, gammas, lams, seed, tensor_indices, step, element_offsets=None):
         offsets = self._offsets(element_offsets, len(grads))
-        buckets, fallback = self._split(saved, [grads])
-        parts = [self._ops.noise_grad_sums(_pick(grads, b), _pick(saved, b), _pick(gammas, b), _pick(lams, b), seed,
-                                           _pick(tensor_indices, b), step, _pick(offsets, b)) for b in buckets]
-        if fallback:
+        total, skipped = self._ops.noise_grad_sums(grads, saved, gammas, lams, seed, tensor_indices, step, offsets)
+        parts = [] if total is None else [total]
+        if skipped:
+            _leftover(saved, skipped)
             parts.append(_foreach.noise_grad_sums(
-                _pick(grads, fallback), _pick(saved, fallback), gammas=_pick(gammas, fallback),
-                lams=_pick(lams, fallback), seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step,
-                element_offsets=_pick(offsets, fallback)))
+                _pick(grads, skipped), _pick(saved, skipped), gammas=_pick(gammas, skipped),
+                lams=_pick(lams, skipped), seed=seed, tensor_indices=_pick(tensor_indices, skipped), step=step,
+                element_offsets=_pick(offsets, skipped)))
         return _sum(parts, (4,), saved[0].device)
 
     def mix_perturb_(self, params, grads, saved, noise_coefs, grad_coefs, *, gammas, seed, tensor_indices, step,
                      element_offsets=None):
         offsets = self._offsets(element_offsets, len(params))
-        buckets, fallback = self._split(params, [grads, saved])
-        for b in buckets:
-            self._ops.mix_perturb_(_pick(params, b), _pick(grads, b), _pick(saved, b), _pick(noise_coefs, b),
-                                   _pick(grad_coefs, b), _pick(gammas, b), seed, _pick(tensor_indices, b), step,
-                                   _pick(offsets, b))
-        if fallback:
+        skipped = self._ops.mix_perturb_(params, grads, saved, noise_coefs, grad_coefs, gammas, seed, tensor_indices,
+                                         step, offsets)
+        if skipped:
+            _leftover(params, skipped)
             _foreach.mix_perturb_(
-                _pick(params, fallback), _pick(grads, fallback), _pick(saved, fallback),
-                _pick(noise_coefs, fallback), _pick(grad_coefs, fallback), gammas=_pick(gammas, fallback),
-                seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step,
-                element_offsets=_pick(offsets, fallback))
+                _pick(params, skipped), _pick(grads, skipped), _pick(saved, skipped), _pick(noise_coefs, skipped),
+                _pick(grad_coefs, skipped), gammas=_pick(gammas, skipped), seed=seed,
+                tensor_indices=_pick(tensor_indices, skipped), step=step, element_offsets=_pick(offsets, skipped))
 
 
 cpp = NativeBackend("cpp", _C.host, "cpu")

@@ -54,6 +54,8 @@ class ParamSelection:
 
     # Process group over which global sums are all-reduced (sharded params), else None.
     group: object = None
+    # The saved-copy buffers of `params`, looked up once per step (see _saved_of).
+    saved: list[Tensor] | None = None
 
     @property
     def grads(self) -> list[Tensor]:
@@ -205,6 +207,12 @@ class SharpnessAwareOptimizer(Optimizer):
             check_single_device({p.device for p in selection.params}, owner)
         return selection
 
+    def _saved_of(self, selection: ParamSelection) -> list[Tensor]:
+        """The saved copies of a selection's params, kept on the selection for the rest of the step."""
+        if selection.saved is None:
+            selection.saved = self._saved_copies(selection.params)
+        return selection.saved
+
     def _saved_copies(self, params: list[Tensor]) -> list[Tensor]:
         """The buffers that hold w (its local shard) during a step, allocated once per param."""
         copies = []
@@ -254,7 +262,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """Put back the saved weights (undo noise_step()/first_step()) without a base step."""
         if self._phase != "idle":
             selection = self._perturbed
-            F.restore_(selection.tensors, self._saved_copies(selection.params), backend=self._backend)
+            F.restore_(selection.tensors, self._saved_of(selection), backend=self._backend)
         self._perturbed = ParamSelection()
         self._phase = "idle"
 

@@ -80,7 +80,7 @@ class RSAM(SharpnessAwareOptimizer):
         """Before the first forward: save w and move every trainable param to ŵ = w + δ₀."""
         self._expect("idle", "noise_step()", "call second_step() to finish the previous step, or restore()")
         selection = self._select(needs_grad=False)
-        F.add_noise_(selection.tensors, self._saved_copies(selection.params), **self._stream(selection))
+        F.add_noise_(selection.tensors, self._saved_of(selection), **self._stream(selection))
         self._perturbed = selection
         self._phase = "noised"
 
@@ -98,10 +98,10 @@ class RSAM(SharpnessAwareOptimizer):
         keep = [id(p) in has_grad for p in noised.params]
         # Trainable params that got no gradient take no part in this step: undo their noise now.
         dropped = noised.subset([not k for k in keep])
-        F.restore_(dropped.tensors, self._saved_copies(dropped.params), backend=self._backend)
+        F.restore_(dropped.tensors, self._saved_of(dropped), backend=self._backend)
         selection = noised.subset(keep)
         params, grads = selection.tensors, selection.grads
-        saved = self._saved_copies(selection.params)
+        saved = self._saved_of(selection)
         if params:
             stream = self._stream(selection)
             sums = selection.all_reduce_(F.noise_grad_sums(grads, saved, lams=selection.per_tensor("lam"), **stream))

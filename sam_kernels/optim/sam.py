@@ -54,7 +54,7 @@ class SAM(SharpnessAwareOptimizer):
         """Save w and move to w + ε, ε computed from the gradients now in ``.grad``."""
         self._expect("idle", "first_step()", "call second_step() to finish the previous step, or restore()")
         selection = self._select(needs_grad=True)
-        saved = self._saved_copies(selection.params)
+        saved = self._saved_of(selection)
         grads = selection.grads
         etas = self._etas(selection)
         if selection.params:
