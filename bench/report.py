@@ -36,7 +36,8 @@ PEERS = {"sam": False, "asam-element": True}  # pytorch-optimizer SAM(adaptive=.
 
 def _backends(device: torch.device) -> list[str]:
     status = sam_kernels.available_backends()
-    usable = [name for name, reason in status.items() if reason is None]
+    usable = [name for name, reason in status.items()
+              if reason is None and sam_kernels.backends.get_backend(name).supports(device)]
     # The interpreted Triton backend (CPU) is a test vehicle, not something to time.
     return [b for b in usable if not (b == "triton" and device.type != "cuda")]
 

@@ -20,8 +20,10 @@ from workloads import WORKLOADS, make_params_and_grads, numel, resnet50_shapes, 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SCALE = 1.0 if DEVICE.type == "cuda" and os.environ.get("SAM_BENCH_SMALL") != "1" else 1 / 32
+# Backends that take tensors of DEVICE (the interpreted Triton backend on a CPU is a test vehicle, not timed).
 BACKENDS = [name for name, reason in sam_kernels.available_backends().items()
-            if reason is None and not (name == "triton" and DEVICE.type != "cuda")]
+            if reason is None and sam_kernels.backends.get_backend(name).supports(DEVICE)
+            and not (name == "triton" and DEVICE.type != "cuda")]
 DTYPES = [torch.float32, torch.bfloat16]
 
 

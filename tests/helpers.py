@@ -25,9 +25,20 @@ def _usable(name: str) -> bool:
     return sam_kernels.available_backends()[name] is None
 
 
-# Every backend that can run here besides the reference, and all of them.
-FAST_BACKENDS = ["foreach"] + [name for name in ("triton", "cuda", "cpp") if _usable(name)]
+def _runs_on(name: str, device: str) -> bool:
+    return _usable(name) and sam_kernels.backends.get_backend(name).supports(torch.device(device))
+
+
+# The backends besides the reference that run here on CPU tensors (most tests use CPU tensors),
+# and all of them; on a GPU machine, the ones that take CUDA tensors (test_gpu.py and the CUDA
+# parity test). Triton takes CPU tensors only through its interpreter (conftest turns it on
+# where there is no GPU); cuda never does.
+FAST_BACKENDS = ["foreach"] + [name for name in ("triton", "cuda", "cpp") if _runs_on(name, "cpu")]
 BACKENDS = ["reference"] + FAST_BACKENDS
+CUDA_BACKENDS = (
+    ["reference", "foreach"] + [name for name in ("triton", "cuda") if _runs_on(name, "cuda")]
+    if torch.cuda.is_available() else ["reference", "foreach", "triton", "cuda"]  # skipped without a GPU
+)
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 

@@ -12,6 +12,7 @@ import sam_kernels
 from sam_kernels import functional as F
 from helpers import (
     BACKENDS,
+    CUDA_BACKENDS,
     FAST_BACKENDS,
     FLOAT_DTYPES,
     VARIANT_IDS,
@@ -155,7 +156,7 @@ def _to_device(groups, device):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("optimizer_cls,kwargs,_id", VARIANTS, ids=VARIANT_IDS)
 def test_cuda_first_step_matches_cpu_reference(optimizer_cls, kwargs, _id, dtype, backend):

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import sam_kernels
-from helpers import FAST_BACKENDS
+from helpers import CUDA_BACKENDS
 
 pytestmark = pytest.mark.gpu
-GPU_BACKENDS = [b for b in FAST_BACKENDS if b in ("triton", "cuda")]
+GPU_BACKENDS = [b for b in CUDA_BACKENDS if b in ("triton", "cuda")]
 
 
 def _model_params(device="cuda", dtype=torch.float32):
