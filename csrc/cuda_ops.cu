@@ -68,6 +68,32 @@ __device__ __forceinline__ A noise_std(A w, A gamma, A gamma_over_sqrt_n, int64_
   return fsize ? gamma_over_sqrt_n * fnorms[row_of(i, fsize)] : gamma * abs_of(w);
 }
 
+// R-SAM's delta0 for the elements of tensor t of a launch: sigma_i and the Philox stream at the
+// tensor's offset (one Philox call per block of four consecutive elements).
+template <typename A>
+struct TensorNoise {
+  A gamma, gamma_over_sqrt_n;
+  int64_t fsize, offset;
+  const A* fnorms;
+  sam::NormalStream z;
+
+  template <int NPTR>
+  __device__ TensorNoise(const TensorList<NPTR>& m, int t, const sam::NormalStream& base, const A* norms)
+      : gamma(static_cast<A>(m.param[0][t])),
+        gamma_over_sqrt_n(static_cast<A>(m.param[1][t])),
+        fsize(m.fsize[t]),
+        offset(m.elem_off[t]),
+        fnorms(norms + m.fnorm_off[t]),
+        z(base) {
+    z.j = m.index[t];
+  }
+
+  // delta0 of element i, whose weight before the noise is w.
+  __device__ __forceinline__ A operator()(A w, int64_t i) {
+    return noise_std<A>(w, gamma, gamma_over_sqrt_n, fsize, fnorms, i) * z(offset + i);
+  }
+};
+
 // ------------------------------------------------------------------ kernels
 // ||f_i|| of every filter: a warp per filter (rows_per_block filters per block) or a block per long filter.
 template <typename scalar_t>
@@ -191,12 +217,8 @@ __global__ void __launch_bounds__(kThreads)
   const BlockWork b = block_work(m);
   auto* w = static_cast<scalar_t*>(m.ptr[0][b.t]);
   auto* saved = static_cast<scalar_t*>(m.ptr[1][b.t]);
-  const A gamma = static_cast<A>(m.param[0][b.t]), gamma_over_sqrt_n = static_cast<A>(m.param[1][b.t]);
-  const int64_t fsize = m.fsize[b.t], offset = m.elem_off[b.t];
-  const A* fnorms = norms + m.fnorm_off[b.t];
   const bool vec = m.vec_ok[b.t];
-  sam::NormalStream z = base;
-  z.j = m.index[b.t];
+  TensorNoise<A> delta(m, b.t, base, norms);
   for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
     scalar_t raw[VEC];
     A out[VEC];
@@ -205,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const A wk = static_cast<A>(raw[k]);
-      out[k] = k < n ? wk + noise_std<A>(wk, gamma, gamma_over_sqrt_n, fsize, fnorms, i + k) * z(offset + i + k) : wk;
+      out[k] = k < n ? wk + delta(wk, i + k) : wk;
     }
     store<VEC>(w, i, n, vec, out);
   });
@@ -222,12 +244,8 @@ __global__ void __launch_bounds__(kThreads)
   const BlockWork b = block_work(m);
   const auto* g = static_cast<const scalar_t*>(m.ptr[0][b.t]);
   const auto* saved = static_cast<const scalar_t*>(m.ptr[1][b.t]);
-  const A gamma = static_cast<A>(m.param[0][b.t]), gamma_over_sqrt_n = static_cast<A>(m.param[1][b.t]);
-  const int64_t fsize = m.fsize[b.t], offset = m.elem_off[b.t];
-  const A* fnorms = norms + m.fnorm_off[b.t];
   const bool vec = m.vec_ok[b.t];
-  sam::NormalStream z = base;
-  z.j = m.index[b.t];
+  TensorNoise<A> delta(m, b.t, base, norms);
   A sum[3] = {A(0), A(0), A(0)};
   for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
     A sv[VEC], gv[VEC];
@@ -236,10 +254,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       if (k < n) {
-        const A delta = noise_std<A>(sv[k], gamma, gamma_over_sqrt_n, fsize, fnorms, i + k) * z(offset + i + k);
-        sum[0] += delta * delta;
+        const A d = delta(sv[k], i + k);
+        sum[0] += d * d;
         sum[1] += gv[k] * gv[k];
-        sum[2] += delta * gv[k];
+        sum[2] += d * gv[k];
       }
     }
   });
@@ -265,21 +283,17 @@ __global__ void __launch_bounds__(kThreads)
   auto* w = static_cast<scalar_t*>(m.ptr[0][b.t]);
   const auto* g = static_cast<const scalar_t*>(m.ptr[1][b.t]);
   const auto* saved = static_cast<const scalar_t*>(m.ptr[2][b.t]);
-  const A gamma = static_cast<A>(m.param[0][b.t]), gamma_over_sqrt_n = static_cast<A>(m.param[1][b.t]);
   const A a = *static_cast<const A*>(m.scalar[0][b.t]), c = *static_cast<const A*>(m.scalar[1][b.t]);
-  const int64_t fsize = m.fsize[b.t], offset = m.elem_off[b.t];
-  const A* fnorms = norms + m.fnorm_off[b.t];
   const bool vec = m.vec_ok[b.t];
-  sam::NormalStream z = base;
-  z.j = m.index[b.t];
+  TensorNoise<A> delta(m, b.t, base, norms);
   for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
     A sv[VEC], gv[VEC], out[VEC];
     load<VEC>(saved, i, n, vec, sv);
     load<VEC>(g, i, n, vec, gv);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const A delta = k < n ? noise_std<A>(sv[k], gamma, gamma_over_sqrt_n, fsize, fnorms, i + k) * z(offset + i + k) : A(0);
-      out[k] = sv[k] + sam::finite_or_zero(a * delta + c * gv[k]);
+      const A d = k < n ? delta(sv[k], i + k) : A(0);
+      out[k] = sv[k] + sam::finite_or_zero(a * d + c * gv[k]);
     }
     store<VEC>(w, i, n, vec, out);
   });

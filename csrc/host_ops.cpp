@@ -64,15 +64,16 @@ at::Tensor row_norms(const at::Tensor& w) {
   return out;
 }
 
-// Deterministic Σ over [0, n) of term(i), accumulated per fixed chunk, chunks summed in order.
-template <typename acc_t, int N, typename Term>
-std::array<acc_t, N> chunked_sum(int64_t n, Term term) {
+// Deterministic sum over [0, n): add_range(begin, end, sum) adds one fixed chunk's terms into a zeroed
+// sum (each chunk on one thread, so a chunk may keep state such as a noise stream); chunks summed in order.
+template <typename acc_t, int N, typename AddRange>
+std::array<acc_t, N> chunked_sum(int64_t n, AddRange add_range) {
   const int64_t chunks = (n + kChunk - 1) / kChunk;
   std::vector<std::array<acc_t, N>> partials(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       std::array<acc_t, N> sum{};
-      for (int64_t i = c * kChunk, stop = std::min(n, (c + 1) * kChunk); i < stop; ++i) term(i, sum);
+      add_range(c * kChunk, std::min(n, (c + 1) * kChunk), sum);
       partials[c] = sum;
     }
   });
@@ -97,6 +98,20 @@ struct NoiseKey {
 NoiseKey noise_key(uint64_t seed, int64_t step) {
   return {static_cast<uint32_t>(seed & 0xFFFFFFFFu), static_cast<uint32_t>(seed >> 32),
           static_cast<uint32_t>(step & 0xFFFFFFFF)};
+}
+
+// What an R-SAM pass needs of one tensor: the filter norms of its weights before the noise (sigma_i)
+// and its place in the noise stream. Each parallel task copies `stream`, which caches a Philox block.
+struct NoiseSource {
+  FilterShape shape;
+  at::Tensor norms;
+  int64_t offset;
+  sam::NormalStream stream;
+};
+
+NoiseSource noise_source(const at::Tensor& before_noise, const NoiseKey& key, int64_t tensor_index, int64_t offset) {
+  return {filter_shape(before_noise), row_norms(before_noise), offset,
+          sam::NormalStream{static_cast<uint32_t>(tensor_index), key.step, key.k0, key.k1}};
 }
 
 // sigma of element i: gamma * ||w_row|| / sqrt(n_row) (ndim >= 2) or gamma * |w_i| (ndim <= 1).
@@ -144,11 +159,13 @@ at::Tensor scaled_grad_sq_sum(const std::vector<at::Tensor>& params, const std::
       const scalar_t* gd = g.data_ptr<scalar_t>();
       const acc_t* nd = norms.defined() ? norms.data_ptr<acc_t>() : nullptr;
       const acc_t eta = static_cast<acc_t>(etas[j]);
-      auto sum = chunked_sum<acc_t, 1>(w.numel(), [&](int64_t i, std::array<acc_t, 1>& s) {
-        const acc_t wi = static_cast<acc_t>(wd[i]);
-        const acc_t filter_value = (nd && shape.fsize) ? nd[i / shape.fsize] : (wi < 0 ? -wi : wi);
-        const acc_t tg = sam::asam_scale<acc_t>(wi, eta, filter_value, static_cast<int>(mode)) * static_cast<acc_t>(gd[i]);
-        s[0] += tg * tg;
+      auto sum = chunked_sum<acc_t, 1>(w.numel(), [&](int64_t begin, int64_t end, std::array<acc_t, 1>& s) {
+        for (int64_t i = begin; i < end; ++i) {
+          const acc_t wi = static_cast<acc_t>(wd[i]);
+          const acc_t filter_value = (nd && shape.fsize) ? nd[i / shape.fsize] : (wi < 0 ? -wi : wi);
+          const acc_t tg = sam::asam_scale<acc_t>(wi, eta, filter_value, static_cast<int>(mode)) * static_cast<acc_t>(gd[i]);
+          s[0] += tg * tg;
+        }
       });
       totals.push_back({static_cast<double>(sum[0]), 0, 0, 0});
     });
@@ -201,21 +218,18 @@ void add_noise_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
     const at::Tensor &w = params[j], &s = saved[j];
     check_contiguous(w, "weight");
     check_contiguous(s, "saved copy");
-    const FilterShape shape = filter_shape(w);
-    const at::Tensor norms = row_norms(w);
-    const auto index = static_cast<uint32_t>(tensor_indices[j]);
-    const int64_t offset = element_offsets[j];
+    const NoiseSource source = noise_source(w, key, tensor_indices[j], element_offsets[j]);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "add_noise_", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       scalar_t* wd = w.data_ptr<scalar_t>();
       scalar_t* sd = s.data_ptr<scalar_t>();
-      const NoiseStd<acc_t> sigma = noise_std<acc_t>(norms, shape, gammas[j]);
+      const NoiseStd<acc_t> sigma = noise_std<acc_t>(source.norms, source.shape, gammas[j]);
       at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        sam::NormalStream z = source.stream;
         for (int64_t i = begin; i < end; ++i) {
           sd[i] = wd[i];
           const acc_t wi = static_cast<acc_t>(wd[i]);
-          const acc_t z = sam::standard_normal(offset + i, index, key.step, key.k0, key.k1);
-          wd[i] = static_cast<scalar_t>(wi + sigma(i, wi) * z);
+          wd[i] = static_cast<scalar_t>(wi + sigma(i, wi) * z(source.offset + i));
         }
       });
     });
@@ -233,22 +247,22 @@ at::Tensor noise_grad_sums(const std::vector<at::Tensor>& grads, const std::vect
     const at::Tensor &g = grads[j], &s = saved[j];
     check_contiguous(g, "gradient");
     any_double |= s.scalar_type() == at::kDouble;
-    const FilterShape shape = filter_shape(s);
-    const at::Tensor norms = row_norms(s);
-    const auto index = static_cast<uint32_t>(tensor_indices[j]);
-    const int64_t offset = element_offsets[j];
+    const NoiseSource source = noise_source(s, key, tensor_indices[j], element_offsets[j]);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "noise_grad_sums", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* sd = s.data_ptr<scalar_t>();
       const scalar_t* gd = g.data_ptr<scalar_t>();
-      const NoiseStd<acc_t> sigma = noise_std<acc_t>(norms, shape, gammas[j]);
-      auto sum = chunked_sum<acc_t, 3>(s.numel(), [&](int64_t i, std::array<acc_t, 3>& acc) {
-        const acc_t si = static_cast<acc_t>(sd[i]);
-        const acc_t delta = sigma(i, si) * sam::standard_normal(offset + i, index, key.step, key.k0, key.k1);
-        const acc_t gi = static_cast<acc_t>(gd[i]);
-        acc[0] += delta * delta;
-        acc[1] += gi * gi;
-        acc[2] += delta * gi;
+      const NoiseStd<acc_t> sigma = noise_std<acc_t>(source.norms, source.shape, gammas[j]);
+      auto sum = chunked_sum<acc_t, 3>(s.numel(), [&](int64_t begin, int64_t end, std::array<acc_t, 3>& acc) {
+        sam::NormalStream z = source.stream;
+        for (int64_t i = begin; i < end; ++i) {
+          const acc_t si = static_cast<acc_t>(sd[i]);
+          const acc_t delta = sigma(i, si) * z(source.offset + i);
+          const acc_t gi = static_cast<acc_t>(gd[i]);
+          acc[0] += delta * delta;
+          acc[1] += gi * gi;
+          acc[2] += delta * gi;
+        }
       });
       const double lam = lams[j];
       totals.push_back({static_cast<double>(sum[0]), static_cast<double>(sum[1]), lam * static_cast<double>(sum[2]),
@@ -269,10 +283,7 @@ void mix_perturb_(const std::vector<at::Tensor>& params, const std::vector<at::T
     check_contiguous(w, "weight");
     check_contiguous(g, "gradient");
     check_contiguous(s, "saved copy");
-    const FilterShape shape = filter_shape(s);
-    const at::Tensor norms = row_norms(s);
-    const auto index = static_cast<uint32_t>(tensor_indices[j]);
-    const int64_t offset = element_offsets[j];
+    const NoiseSource source = noise_source(s, key, tensor_indices[j], element_offsets[j]);
     const double a_value = noise_coefs[j].item<double>();
     const double b_value = grad_coefs[j].item<double>();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "mix_perturb_", [&] {
@@ -280,12 +291,13 @@ void mix_perturb_(const std::vector<at::Tensor>& params, const std::vector<at::T
       scalar_t* wd = w.data_ptr<scalar_t>();
       const scalar_t* sd = s.data_ptr<scalar_t>();
       const scalar_t* gd = g.data_ptr<scalar_t>();
-      const NoiseStd<acc_t> sigma = noise_std<acc_t>(norms, shape, gammas[j]);
+      const NoiseStd<acc_t> sigma = noise_std<acc_t>(source.norms, source.shape, gammas[j]);
       const acc_t a = static_cast<acc_t>(a_value), b = static_cast<acc_t>(b_value);
       at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        sam::NormalStream z = source.stream;
         for (int64_t i = begin; i < end; ++i) {
           const acc_t si = static_cast<acc_t>(sd[i]);
-          const acc_t delta = sigma(i, si) * sam::standard_normal(offset + i, index, key.step, key.k0, key.k1);
+          const acc_t delta = sigma(i, si) * z(source.offset + i);
           const acc_t eps = a * delta + b * static_cast<acc_t>(gd[i]);
           wd[i] = static_cast<scalar_t>(si + sam::finite_or_zero(eps));
         }
@@ -307,8 +319,8 @@ at::Tensor standard_normal(int64_t numel, uint64_t seed, int64_t tensor_index, i
   at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
   float* data = out.data_ptr<float>();
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      data[i] = sam::standard_normal(offset + i, static_cast<uint32_t>(tensor_index), key.step, key.k0, key.k1);
+    sam::NormalStream z{static_cast<uint32_t>(tensor_index), key.step, key.k0, key.k1};
+    for (int64_t i = begin; i < end; ++i) data[i] = z(offset + i);
   });
   return out;
 }

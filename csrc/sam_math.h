@@ -59,19 +59,17 @@ SAM_HD Uint4 noise_block(uint64_t block, uint32_t j, uint32_t step, uint32_t k0,
 // z_k of a block: Box-Muller on (u0, u1) for k = 0, 1 and on (u2, u3) for k = 2, 3; even k takes
 // r cos(2 pi u_b), odd k takes r sin(2 pi u_b), all in float32.
 SAM_HD float block_normal(const Uint4& x, int k) {
-  const float ua = unit_float(x.x[k < 2 ? 0 : 2]);
-  const float ub = unit_float(x.x[k < 2 ? 1 : 3]);
+  // Selects with constant indices: a computed index would put the words in local memory on a GPU.
+  const float ua = unit_float(k < 2 ? x.x[0] : x.x[2]);
+  const float ub = unit_float(k < 2 ? x.x[1] : x.x[3]);
   const float radius = sqrtf(-2.0f * logf(ua));
   const float theta = kTwoPi * ub;
   return (k & 1) ? radius * sinf(theta) : radius * cosf(theta);
 }
 
 // Standard normal of element e of tensor j at R-SAM step s: element 4c + k takes z_k of block c.
-SAM_HD float standard_normal(int64_t e, uint32_t j, uint32_t step, uint32_t k0, uint32_t k1) {
-  return block_normal(noise_block(static_cast<uint64_t>(e) >> 2, j, step, k0, k1), static_cast<int>(e & 3));
-}
-
-// The same stream for consecutive elements: one Philox call per block of four instead of one per element.
+// A stream object serves consecutive elements with one Philox call per block of four; copy it per
+// thread (it caches the current block).
 struct NormalStream {
   uint32_t j, step, k0, k1;
   uint64_t cached_block = ~uint64_t(0);

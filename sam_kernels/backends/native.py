@@ -18,6 +18,8 @@ import torch
 from torch import Tensor
 
 from . import foreach as _foreach
+from ._lists import pick as _pick
+from ._lists import sum_parts as _sum
 from . import mark_unavailable, register_backend
 
 try:
@@ -27,21 +29,6 @@ except ImportError as exc:  # the package was installed without building csrc/
 
 ROUTED_TO_FOREACH: dict[tuple[int, ...], str] = {}
 _MODES = {None: 0, "element": 1, "filter": 2}
-
-
-def _pick(items: Sequence | None, positions: list[int]) -> list | None:
-    return None if items is None else [items[i] for i in positions]
-
-
-def _sum(parts: list[Tensor], shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """Σ of per-bucket totals in float32 (float64 when any bucket was float64)."""
-    if not parts:
-        return torch.zeros(shape, dtype=torch.float32, device=device)
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
-    total = parts[0].to(dtype)
-    for part in parts[1:]:
-        total = total + part.to(dtype)
-    return total
 
 
 def _leftover(tensors: Sequence[Tensor], skipped: list[int]) -> None:

@@ -23,6 +23,8 @@ from torch import Tensor
 
 from .. import foreach as _foreach
 from .. import register_backend
+from .._lists import pick as _pick
+from .._lists import sum_parts as _sum
 from ..reference import accumulation_dtype
 from . import kernels as K
 from . import layout as L
@@ -118,20 +120,6 @@ def _split(
         by_key.setdefault(key, []).append(i)
     buckets = [_Bucket(positions, list(weights), key[1]) for key, positions in by_key.items()]
     return buckets, fallback
-
-
-def _sum(parts: list[Tensor], shape: tuple[int, ...], device: torch.device) -> Tensor:
-    if not parts:
-        return torch.zeros(shape, dtype=torch.float32, device=device)
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
-    total = parts[0].to(dtype)
-    for part in parts[1:]:
-        total = total + part.to(dtype)
-    return total
-
-
-def _pick(items: Sequence, positions: list[int]) -> list:
-    return [items[i] for i in positions]
 
 
 def _pick_offsets(element_offsets: Sequence[int] | None, positions: list[int]) -> list[int] | None:
