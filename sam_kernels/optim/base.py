@@ -56,9 +56,13 @@ class ParamSelection:
     group: object = None
     # The saved-copy buffers of `params`, looked up once per step (see _saved_of).
     saved: list[Tensor] | None = None
+    # Whether any param is a DTensor (FSDP2): only then do gradients need their local shard taken.
+    sharded: bool = False
 
     @property
     def grads(self) -> list[Tensor]:
+        if not self.sharded:
+            return [p.grad for p in self.params]
         return [local(p.grad) for p in self.params]
 
     def per_tensor(self, key: str) -> list[float]:
@@ -68,7 +72,7 @@ class ParamSelection:
         pick = lambda items: [x for x, k in zip(items, keep) if k]  # noqa: E731
         return ParamSelection(
             pick(self.params), pick(self.tensors), pick(self.element_offsets), pick(self.positions),
-            pick(self.groups), pick(self.tensor_indices), self.group,
+            pick(self.groups), pick(self.tensor_indices), self.group, sharded=self.sharded,
         )
 
     def all_reduce_(self, partial_sums: Tensor) -> Tensor:
@@ -192,10 +196,13 @@ class SharpnessAwareOptimizer(Optimizer):
                 if takes_part:
                     selection.params.append(param)
                     selection.positions.append((group_number, param_number))
-                    selection.tensors.append(local(param))
                     offset = 0
                     if is_sharded(param):
+                        selection.sharded = True
+                        selection.tensors.append(param.to_local())
                         offset, selection.group = shard_of(param, selection.name(-1), type(self).__name__)
+                    else:
+                        selection.tensors.append(param)
                     selection.element_offsets.append(offset)
                     selection.groups.append(group)
                     selection.tensor_indices.append(index)
