@@ -3,11 +3,11 @@
 Both run the sources in csrc/, whose per-element math (csrc/sam_math.h) is
 shared by the host and device builds. ``sam_kernels._C.host`` and
 ``sam_kernels._C.cuda`` expose the same operations with the same signatures;
-one :class:`NativeBackend` class drives either. The extension takes lists of
-one dtype: tensors are bucketed by dtype here. Tensors it does not take —
+one :class:`NativeBackend` class drives either. The extension buckets the
+tensors by dtype itself (csrc/routed_ops.h). Tensors it does not take —
 non-contiguous weights or gradients, or a gradient whose dtype differs from
-its weight's — go to the foreach backend in the same call, with the reason
-kept in :data:`ROUTED_TO_FOREACH` (shape → reason).
+its weight's — come back as positions and go to the foreach backend in the
+same call, with the reason kept in :data:`ROUTED_TO_FOREACH` (shape → reason).
 """
 
 from __future__ import annotations
