@@ -21,7 +21,7 @@ from setuptools import setup
 REQUIRE = os.environ.get("SAM_KERNELS_REQUIRE_EXTENSION") == "1"
 SKIP = os.environ.get("SAM_KERNELS_NO_EXTENSION") == "1"
 SKIP_CUDA = os.environ.get("SAM_KERNELS_NO_CUDA") == "1"
-HOST_SOURCES = ["csrc/host_ops.cpp", "csrc/bindings.cpp"]
+HOST_SOURCES = ["csrc/host_ops.cpp", "csrc/host_plan.cpp", "csrc/noise_batch.cpp", "csrc/bindings.cpp"]
 CUDA_SOURCES = ["csrc/cuda_ops.cu"]
 
 
@@ -70,11 +70,11 @@ def _extension_setup() -> dict:
             "sam_kernels._C",
             HOST_SOURCES + CUDA_SOURCES,
             define_macros=[("SAM_WITH_CUDA", None)],
-            extra_compile_args={"cxx": ["-O3", *openmp], "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": ["-O3", "-fno-math-errno", *openmp], "nvcc": ["-O3"]},
             **common,
         )
     else:
-        extension = CppExtension("sam_kernels._C", HOST_SOURCES, extra_compile_args=["-O3", *openmp], **common)
+        extension = CppExtension("sam_kernels._C", HOST_SOURCES, extra_compile_args=["-O3", "-fno-math-errno", *openmp], **common)
     return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
 
 

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include "host_ops.h"
+#include "host_plan.h"
 #include "routed_ops.h"
 #ifdef SAM_WITH_CUDA
 #include "cuda_ops.h"
@@ -32,6 +33,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sam_kernels native extension: host (at::parallel_for) and CUDA multi-tensor backend operations";
   auto host = m.def_submodule("host", "operations on CPU tensors (backend='cpp')");
   SAM_BIND_OPERATIONS(host, sam_host);
+  namespace py = pybind11;
+  py::class_<sam_host::StepPlan>(host, "StepPlan", "the cached step plan of backend='cpp' (csrc/host_plan.h)")
+      .def(py::init<std::vector<at::Tensor>, std::vector<int64_t>, int64_t, at::Tensor, at::Tensor>(),
+           py::arg("params"), py::arg("group_of"), py::arg("num_groups"), py::arg("skip_flag"), py::arg("skip_count"))
+      .def("sam_first_step", &sam_host::StepPlan::sam_first_step, py::arg("rhos"), py::arg("etas"), py::arg("mode"),
+           py::arg("p_inf"))
+      .def("add_noise", &sam_host::StepPlan::add_noise, py::arg("gammas"), py::arg("seed"), py::arg("step"))
+      .def("rsam_first_step", &sam_host::StepPlan::rsam_first_step, py::arg("rhos"), py::arg("gammas"),
+           py::arg("lams"), py::arg("seed"), py::arg("step"))
+      .def("restore", &sam_host::StepPlan::restore)
+      .def("active", &sam_host::StepPlan::active)
+      .def("clear_active", &sam_host::StepPlan::clear_active)
+      .def("saved", &sam_host::StepPlan::saved)
+      .def("set_saved", &sam_host::StepPlan::set_saved)
+      .def("__len__", &sam_host::StepPlan::size);
   host.def("philox4x32_10", &sam_host::philox4x32_10, "Philox4x32-10 of one counter (4 words) and key (2 words)");
 #ifdef SAM_WITH_CUDA
   m.attr("HAS_CUDA") = true;

@@ -13,27 +13,12 @@
 #include <cmath>
 #include <vector>
 
+#include "host_common.h"
+#include "noise_batch.h"
 #include "sam_math.h"
 
 namespace sam_host {
 namespace {
-
-constexpr int64_t kGrain = 32768;  // elements per parallel task in elementwise passes
-constexpr int64_t kChunk = 16384;  // elements per partial sum in reductions
-
-struct FilterShape {
-  int64_t rows = 0;   // number of filters (size(0)) for ndim >= 2
-  int64_t fsize = 0;  // elements per filter; 0 for ndim <= 1 (each element is its own group)
-};
-
-FilterShape filter_shape(const at::Tensor& t) {
-  FilterShape shape;
-  if (t.dim() >= 2) {
-    shape.rows = t.size(0);
-    shape.fsize = shape.rows ? t.numel() / shape.rows : 0;
-  }
-  return shape;
-}
 
 at::ScalarType acc_type(at::ScalarType type) { return type == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -64,40 +49,12 @@ at::Tensor row_norms(const at::Tensor& w) {
   return out;
 }
 
-// Deterministic sum over [0, n): add_range(begin, end, sum) adds one fixed chunk's terms into a zeroed
-// sum (each chunk on one thread, so a chunk may keep state such as a noise stream); chunks summed in order.
-template <typename acc_t, int N, typename AddRange>
-std::array<acc_t, N> chunked_sum(int64_t n, AddRange add_range) {
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  std::vector<std::array<acc_t, N>> partials(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      std::array<acc_t, N> sum{};
-      add_range(c * kChunk, std::min(n, (c + 1) * kChunk), sum);
-      partials[c] = sum;
-    }
-  });
-  std::array<acc_t, N> total{};
-  for (const auto& p : partials)
-    for (int k = 0; k < N; ++k) total[k] += p[k];
-  return total;
-}
-
 at::Tensor totals_tensor(const std::vector<std::array<double, 4>>& per_tensor, int width, bool any_double) {
   at::Tensor out = at::zeros({width}, at::TensorOptions().dtype(at::kDouble));
   auto* data = out.data_ptr<double>();
   for (const auto& t : per_tensor)
     for (int k = 0; k < width; ++k) data[k] += t[k];
   return out.to(any_double ? at::kDouble : at::kFloat);
-}
-
-struct NoiseKey {
-  uint32_t k0, k1, step;
-};
-
-NoiseKey noise_key(uint64_t seed, int64_t step) {
-  return {static_cast<uint32_t>(seed & 0xFFFFFFFFu), static_cast<uint32_t>(seed >> 32),
-          static_cast<uint32_t>(step & 0xFFFFFFFF)};
 }
 
 // What an R-SAM pass needs of one tensor: the filter norms of its weights before the noise (sigma_i)
@@ -315,12 +272,14 @@ std::vector<int64_t> philox4x32_10(std::vector<int64_t> counter, std::vector<int
 }
 
 at::Tensor standard_normal(int64_t numel, uint64_t seed, int64_t tensor_index, int64_t step, int64_t offset) {
+  // The batched stream the step plan draws from (noise_batch.h), so the tests hold it to the reference.
   const NoiseKey key = noise_key(seed, step);
   at::Tensor out = at::empty({numel}, at::TensorOptions().dtype(at::kFloat));
   float* data = out.data_ptr<float>();
   at::parallel_for(0, numel, kGrain, [&](int64_t begin, int64_t end) {
-    sam::NormalStream z{static_cast<uint32_t>(tensor_index), key.step, key.k0, key.k1};
-    for (int64_t i = begin; i < end; ++i) data[i] = z(offset + i);
+    for (int64_t i = begin; i < end; i += kNoiseBatch)
+      standard_normals(data + i, offset + i, std::min(kNoiseBatch, end - i), key.k0, key.k1,
+                       static_cast<uint32_t>(tensor_index), key.step);
   });
   return out;
 }

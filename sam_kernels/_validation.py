@@ -43,11 +43,21 @@ def check_seed(seed) -> int:
 
 
 def check_gradients(params: list[torch.Tensor], name_of: Callable[[int], str], owner: str) -> None:
-    """Sparse gradients and mixed devices (torch itself forbids a .grad of another device or shape)."""
+    """Sparse gradients, gradients that do not match their weight, and mixed devices.
+
+    torch refuses to assign a .grad of another shape or device, but a weight
+    replaced afterwards (``p.data = ...``) keeps its old gradient.
+    """
     devices = set()
     for i, param in enumerate(params):
-        if param.grad.is_sparse:
+        grad = param.grad
+        if grad.is_sparse:
             raise RuntimeError(f"{owner} does not support sparse gradients ({name_of(i)})")
+        if grad.shape != param.shape or grad.device != param.device:
+            raise ValueError(
+                f"{owner}: the gradient of {name_of(i)} has shape {tuple(grad.shape)} on {grad.device}, its weight "
+                f"{tuple(param.shape)} on {param.device} (was the weight replaced after the backward?)"
+            )
         devices.add(param.device)
     check_single_device(devices, owner)
 

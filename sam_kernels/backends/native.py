@@ -59,6 +59,12 @@ class NativeBackend:
     def __repr__(self) -> str:
         return f"<sam_kernels backend {self.NAME!r} (sam_kernels._C)>"
 
+    def make_plan(self, params, group_of, num_groups, skip_flag, skip_count):
+        """The whole-step plan of an optimizer's params (``cpp`` only; see sam_kernels/optim/plan.py)."""
+        if self._device_type != "cpu":
+            return None
+        return _C.host.StepPlan(params, group_of, num_groups, skip_flag, skip_count)
+
     @staticmethod
     def _offsets(element_offsets: Sequence[int] | None, count: int) -> list[int]:
         return list(element_offsets) if element_offsets is not None else [0] * count

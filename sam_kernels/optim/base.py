@@ -24,6 +24,8 @@ from torch.optim import Optimizer
 
 from .. import functional as F
 from ..amp import scaler_step
+from ..backends import resolve_backend
+from .plan import StepPlan, structure_key
 from .sharding import all_reduce_sum_, is_sharded, local, shard_of
 from .._validation import check_backend, check_gradients, check_non_negative, check_single_device
 
@@ -56,6 +58,7 @@ class ParamSelection:
     group: object = None
     # The saved-copy buffers of `params`, looked up once per step (see _saved_of).
     saved: list[Tensor] | None = None
+    # The position of each param in the optimizer's StepPlan (its tensor number j).
     # Whether any param is a DTensor (FSDP2): only then do gradients need their local shard taken.
     sharded: bool = False
 
@@ -82,6 +85,15 @@ class ParamSelection:
     def name(self, i: int) -> str:
         group_number, param_number = self.positions[i]
         return f"param_groups[{group_number}]['params'][{param_number}]"
+
+    @classmethod
+    def of(cls, plan: StepPlan, param_groups: list[dict], indices: list[int]) -> "ParamSelection":
+        """The selection of the plan's params at ``indices`` (unsharded params)."""
+        params = [plan.params[i] for i in indices]
+        return cls(
+            params, [local(p) for p in params], [0] * len(indices), [plan.positions[i] for i in indices],
+            [param_groups[plan.group_of[i]] for i in indices], list(indices), sharded=plan.sharded,
+        )
 
 
 class SharpnessAwareOptimizer(Optimizer):
@@ -121,7 +133,10 @@ class SharpnessAwareOptimizer(Optimizer):
         self._link_base()
         self._phase = "idle"
         self._perturbed = ParamSelection()
-        self._saved: dict[Tensor, Tensor] = {}
+        # "native": the last phase ran in the backend's own step plan; "generic": through the functional layer.
+        self._path = "generic"
+        self._cached_plan: StepPlan | None = None
+        self._step_plan: StepPlan | None = None  # the plan of the step under way
         self._nonfinite: Tensor | None = None
         self._nonfinite_count: Tensor | None = None
 
@@ -184,29 +199,61 @@ class SharpnessAwareOptimizer(Optimizer):
             if key in group:
                 check_non_negative(key, group[key], owner="a param group")
 
-    # ------------------------------------------------------------ selection
-    def _select(self, *, needs_grad: bool) -> ParamSelection:
-        """Params that take part: with a gradient (needs_grad) or trainable (before the first backward)."""
-        selection = ParamSelection()
-        index = 0
-        for group_number, group in enumerate(self.param_groups):
+    # ------------------------------------------------------------ plan
+    def _plan(self) -> StepPlan:
+        """The cached step plan, rebuilt when the structure of ``param_groups`` changed (docs/DESIGN.md §5)."""
+        plan = self._cached_plan
+        if plan is not None and plan.key == structure_key(self.param_groups):
+            return plan
+        native = None
+        device = StepPlan.device_of(self.param_groups)
+        if device is not None:
+            impl = self._backend_for(device)
+            make_plan = getattr(impl, "make_plan", None)
+            params = [p for group in self.param_groups for p in group["params"]]
+            if make_plan is not None and not any(is_sharded(p) for p in params):
+                self._ensure_skip_tensors(device)
+                group_of = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
+                native = make_plan(params, group_of, len(self.param_groups), self._nonfinite, self._nonfinite_count)
+        self._cached_plan = StepPlan(self.param_groups, native)
+        return self._cached_plan
+
+    def _backend_for(self, device: torch.device):
+        try:
+            return resolve_backend(self._backend, device)
+        except (RuntimeError, ValueError):
+            return None  # the functional layer raises the error when a step runs
+
+    def _begin(self) -> StepPlan:
+        """Start a step: check the groups' hyperparameters, fix the plan this step uses."""
+        for group in self.param_groups:
             self._fill_and_check_group(group)
-            for param_number, param in enumerate(group["params"]):
-                takes_part = param.grad is not None if needs_grad else param.requires_grad
-                if takes_part:
-                    selection.params.append(param)
-                    selection.positions.append((group_number, param_number))
-                    offset = 0
-                    if is_sharded(param):
-                        selection.sharded = True
-                        selection.tensors.append(param.to_local())
-                        offset, selection.group = shard_of(param, selection.name(-1), type(self).__name__)
-                    else:
-                        selection.tensors.append(param)
-                    selection.element_offsets.append(offset)
-                    selection.groups.append(group)
-                    selection.tensor_indices.append(index)
-                index += 1
+        self._step_plan = self._plan()
+        return self._step_plan
+
+    def _group_values(self, key: str) -> list[float]:
+        return [group[key] for group in self.param_groups]
+
+    # ------------------------------------------------------------ selection
+    def _select(self, plan: StepPlan, *, needs_grad: bool) -> ParamSelection:
+        """Params that take part: with a gradient (needs_grad) or trainable (before the first backward)."""
+        selection = ParamSelection(sharded=plan.sharded)
+        groups = self.param_groups
+        for index, param in enumerate(plan.params):
+            takes_part = param.grad is not None if needs_grad else param.requires_grad
+            if not takes_part:
+                continue
+            selection.params.append(param)
+            selection.positions.append(plan.positions[index])
+            offset = 0
+            if is_sharded(param):
+                selection.tensors.append(param.to_local())
+                offset, selection.group = shard_of(param, selection.name(-1), type(self).__name__)
+            else:
+                selection.tensors.append(param)
+            selection.element_offsets.append(offset)
+            selection.groups.append(groups[plan.group_of[index]])
+            selection.tensor_indices.append(index)
         owner = type(self).__name__
         if needs_grad:
             check_gradients(selection.params, selection.name, owner)
@@ -214,22 +261,32 @@ class SharpnessAwareOptimizer(Optimizer):
             check_single_device({p.device for p in selection.params}, owner)
         return selection
 
-    def _saved_of(self, selection: ParamSelection) -> list[Tensor]:
-        """The saved copies of a selection's params, kept on the selection for the rest of the step."""
-        if selection.saved is None:
-            selection.saved = self._saved_copies(selection.params)
-        return selection.saved
+    def _saved_of(self, selection: ParamSelection, *, allocate: bool) -> list[Tensor]:
+        """The saved copies of a selection's params, kept on the selection for the rest of the step.
 
-    def _saved_copies(self, params: list[Tensor]) -> list[Tensor]:
-        """The buffers that hold w (its local shard) during a step, allocated once per param."""
+        ``allocate``: at the start of a step, a buffer that does not match its
+        weight is replaced. Mid-step a buffer is never replaced (it holds the
+        weights to put back): a weight whose shape changed since is refused here.
+        """
+        if selection.saved is not None:
+            return selection.saved
+        plan = self._step_plan
         copies = []
-        for param in params:
-            tensor = local(param)
-            buffer = self._saved.get(param)
-            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype or buffer.device != tensor.device:
+        for k, (index, tensor) in enumerate(zip(selection.tensor_indices, selection.tensors)):
+            buffer = plan.saved(index)
+            fits = buffer is not None and buffer.shape == tensor.shape and buffer.dtype == tensor.dtype
+            fits = fits and buffer.device == tensor.device
+            if allocate and not fits:
                 buffer = torch.empty_like(tensor, memory_format=torch.preserve_format)
-                self._saved[param] = buffer
+                plan.set_saved(index, buffer)
+            elif buffer is None or buffer.shape != tensor.shape:
+                was = "no saved copy" if buffer is None else f"shape {tuple(buffer.shape)}"
+                raise RuntimeError(
+                    f"{type(self).__name__}: {selection.name(k)} changed during the step (saved with {was}, "
+                    f"now shape {tuple(tensor.shape)}); its saved weights cannot be put back"
+                )
             copies.append(buffer)
+        selection.saved = copies
         return copies
 
     # ------------------------------------------------------------ protocol
@@ -240,11 +297,18 @@ class SharpnessAwareOptimizer(Optimizer):
                 f"expected {_PHASE_TEXT[phase]}: {hint}"
             )
 
-    def _record_skip(self, skipped: Tensor, device: torch.device) -> None:
-        """Keep the device-side 'perturbation skipped' flag and count without reading them."""
+    def _ensure_skip_tensors(self, device: torch.device) -> None:
         if self._nonfinite is None or self._nonfinite.device != device:
+            count = self._nonfinite_count
             self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
             self._nonfinite_count = torch.zeros((), dtype=torch.int64, device=device)
+            if count is not None:
+                self._nonfinite_count.copy_(count)
+            self._cached_plan = None  # a native plan writes the old tensors
+
+    def _record_skip(self, skipped: Tensor, device: torch.device) -> None:
+        """Keep the device-side 'perturbation skipped' flag and count without reading them."""
+        self._ensure_skip_tensors(device)
         skipped = skipped.to(device)
         self._nonfinite.copy_(skipped)
         self._nonfinite_count.add_(skipped)
@@ -268,10 +332,47 @@ class SharpnessAwareOptimizer(Optimizer):
     def restore(self) -> None:
         """Put back the saved weights (undo noise_step()/first_step()) without a base step."""
         if self._phase != "idle":
-            selection = self._perturbed
-            F.restore_(selection.tensors, self._saved_of(selection), backend=self._backend)
-        self._perturbed = ParamSelection()
-        self._phase = "idle"
+            try:
+                if self._path == "native":
+                    native = self._step_plan.native
+                    if native.restore() < 0:  # a weight changed dtype, shape or layout since
+                        selection = ParamSelection.of(self._step_plan, self.param_groups, native.active())
+                        native.clear_active()
+                        self._restore_generic(selection)
+                else:
+                    self._restore_generic(self._perturbed)
+            finally:
+                self._perturbed = ParamSelection()
+                self._phase = "idle"
+                self._path = "generic"
+
+    def _restore_generic(self, selection: ParamSelection) -> None:
+        """w ← saved. A weight whose dtype or device changed mid-step gets its saved values converted; one
+        whose shape changed cannot be put back: the others are restored, then that one is named in an error."""
+        if not selection.params:
+            return
+        plan = self._step_plan
+        saved = selection.saved or [plan.saved(i) for i in selection.tensor_indices]
+        same, convert, refused = [], [], []
+        for k, (tensor, buffer) in enumerate(zip(selection.tensors, saved)):
+            if buffer is None or buffer.shape != tensor.shape:
+                refused.append(k)
+            elif buffer.dtype == tensor.dtype and buffer.device == tensor.device:
+                same.append(k)
+            else:
+                convert.append(k)
+        F.restore_([selection.tensors[k] for k in same], [saved[k] for k in same], backend=self._backend)
+        for k in convert:
+            selection.tensors[k].copy_(saved[k])
+        if refused:
+            changes = ", ".join(
+                f"{selection.name(k)} (saved {tuple(saved[k].shape) if saved[k] is not None else 'nothing'}, "
+                f"now {tuple(selection.tensors[k].shape)})" for k in refused
+            )
+            raise RuntimeError(
+                f"{type(self).__name__}.restore(): these params changed shape during the step and keep their "
+                f"new values: {changes}; every other weight was restored"
+            )
 
     @torch.compiler.disable
     @torch.no_grad()

@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 from .. import functional as F
 from .._validation import check_seed
-from .base import SharpnessAwareOptimizer
+from .base import ParamSelection, SharpnessAwareOptimizer
 
 
 class RSAM(SharpnessAwareOptimizer):
@@ -79,9 +79,14 @@ class RSAM(SharpnessAwareOptimizer):
     def noise_step(self) -> None:
         """Before the first forward: save w and move every trainable param to ŵ = w + δ₀."""
         self._expect("idle", "noise_step()", "call second_step() to finish the previous step, or restore()")
-        selection = self._select(needs_grad=False)
-        F.add_noise_(selection.tensors, self._saved_of(selection), **self._stream(selection))
-        self._perturbed = selection
+        plan = self._begin()
+        if plan.native is not None and plan.native.add_noise(self._group_values("gamma"), self._seed, self._step) >= 0:
+            self._path = "native"
+        else:
+            selection = self._select(plan, needs_grad=False)
+            F.add_noise_(selection.tensors, self._saved_of(selection, allocate=True), **self._stream(selection))
+            self._perturbed = selection
+            self._path = "generic"
         self._phase = "noised"
 
     def _before_first_forward(self) -> None:
@@ -92,16 +97,37 @@ class RSAM(SharpnessAwareOptimizer):
     def first_step(self, zero_grad: bool = False) -> None:
         """After the backward at ŵ: move to w_saved + ε, ε = ρ·d/‖d‖, d = δ₀/‖δ₀‖ + λ·g/‖g‖."""
         self._expect("noised", "first_step()", "call noise_step() before the first forward pass")
+        for group in self.param_groups:
+            self._fill_and_check_group(group)
+        plan = self._step_plan
+        if self._path == "native":
+            values = self._group_values
+            if plan.native.rsam_first_step(values("rho"), values("gamma"), values("lam"), self._seed, self._step) >= 0:
+                self._phase = "perturbed"
+                if zero_grad:
+                    self.zero_grad()
+                return
+            # The native plan cannot take this step (see StepPlan): continue on the generic path.
+            self._perturbed = ParamSelection.of(plan, self.param_groups, plan.native.active())
+            plan.native.clear_active()
+            self._path = "generic"
+        self._generic_first_step(plan)
+        self._phase = "perturbed"
+        if zero_grad:
+            self.zero_grad()
+
+    def _generic_first_step(self, plan) -> None:
         noised = self._perturbed
-        with_grad = self._select(needs_grad=True)
+        self._check_unchanged(noised)
+        with_grad = self._select(plan, needs_grad=True)
         has_grad = {id(p) for p in with_grad.params}
         keep = [id(p) in has_grad for p in noised.params]
         # Trainable params that got no gradient take no part in this step: undo their noise now.
         dropped = noised.subset([not k for k in keep])
-        F.restore_(dropped.tensors, self._saved_of(dropped), backend=self._backend)
+        self._restore_generic(dropped)
         selection = noised.subset(keep)
         params, grads = selection.tensors, selection.grads
-        saved = self._saved_of(selection)
+        saved = self._saved_of(selection, allocate=False)
         if params:
             stream = self._stream(selection)
             sums = selection.all_reduce_(F.noise_grad_sums(grads, saved, lams=selection.per_tensor("lam"), **stream))
@@ -111,9 +137,17 @@ class RSAM(SharpnessAwareOptimizer):
             F.mix_perturb_(params, grads, saved, noise_coefs, grad_coefs, **stream)
             self._record_skip(skipped, params[0].device)
         self._perturbed = selection
-        self._phase = "perturbed"
-        if zero_grad:
-            self.zero_grad()
+
+    def _check_unchanged(self, noised: ParamSelection) -> None:
+        """Refuse a first step on weights whose dtype, shape or device changed since noise_step()."""
+        saved = self._saved_of(noised, allocate=False)  # refuses a changed shape
+        for k, (tensor, buffer) in enumerate(zip(noised.tensors, saved)):
+            if tensor.dtype != buffer.dtype or tensor.device != buffer.device:
+                raise RuntimeError(
+                    f"RSAM.first_step(): {noised.name(k)} changed from {buffer.dtype} on {buffer.device} to "
+                    f"{tensor.dtype} on {tensor.device} after noise_step(); call restore() (which puts back "
+                    "the saved weights, converted) and start the step again"
+                )
 
     def _after_second_step(self) -> None:
         self._step += 1

@@ -45,16 +45,33 @@ class SAM(SharpnessAwareOptimizer):
     ) -> None:
         super().__init__(params, base_optimizer, {"rho": rho}, backend=backend, **base_kwargs)
 
+    _MODES = {None: 0, "element": 1, "filter": 2}
+
     def _etas(self, selection) -> list[float] | float:
         return 0.0
+
+    def _group_etas(self) -> list[float]:
+        return [0.0] * len(self.param_groups)
 
     @torch.compiler.disable
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Save w and move to w + ε, ε computed from the gradients now in ``.grad``."""
         self._expect("idle", "first_step()", "call second_step() to finish the previous step, or restore()")
-        selection = self._select(needs_grad=True)
-        saved = self._saved_of(selection)
+        plan = self._begin()
+        if plan.native is not None and plan.native.sam_first_step(
+            self._group_values("rho"), self._group_etas(), self._MODES[self._adaptive], self._p != 2
+        ) >= 0:
+            self._path = "native"
+        else:
+            self._generic_first_step(plan)
+        self._phase = "perturbed"
+        if zero_grad:
+            self.zero_grad()
+
+    def _generic_first_step(self, plan) -> None:
+        selection = self._select(plan, needs_grad=True)
+        saved = self._saved_of(selection, allocate=True)
         grads = selection.grads
         etas = self._etas(selection)
         if selection.params:
@@ -68,9 +85,7 @@ class SAM(SharpnessAwareOptimizer):
             )
             self._record_skip(skipped, selection.tensors[0].device)
         self._perturbed = selection
-        self._phase = "perturbed"
-        if zero_grad:
-            self.zero_grad()
+        self._path = "generic"
 
 
 class ASAM(SAM):
@@ -115,6 +130,9 @@ class ASAM(SAM):
 
     def _etas(self, selection) -> list[float]:
         return selection.per_tensor("eta")
+
+    def _group_etas(self) -> list[float]:
+        return self._group_values("eta")
 
     def _extra_state(self) -> dict[str, Any]:
         return {**super()._extra_state(), "p": self._p, "granularity": self._adaptive}

@@ -1,0 +1,99 @@
+// Helpers shared by the host (CPU) code: filter shapes, deterministic chunked sums, the noise key.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <vector>
+
+#include "sam_math.h"
+
+namespace sam_host {
+
+constexpr int64_t kGrain = 32768;  // elements per parallel task in elementwise passes
+constexpr int64_t kChunk = 16384;  // elements per partial sum in reductions
+
+struct FilterShape {
+  int64_t rows = 0;   // number of filters (size(0)) for ndim >= 2
+  int64_t fsize = 0;  // elements per filter; 0 for ndim <= 1 (each element is its own group)
+};
+
+inline FilterShape filter_shape(const at::Tensor& t) {
+  FilterShape shape;
+  if (t.dim() >= 2) {
+    shape.rows = t.size(0);
+    shape.fsize = shape.rows ? t.numel() / shape.rows : 0;
+  }
+  return shape;
+}
+
+// Deterministic sum over [0, n): add_range(begin, end, sum) adds one fixed chunk's terms into a zeroed
+// sum (each chunk on one thread, so a chunk may keep state such as a noise stream); chunks summed in order.
+// `chunk` fixes the boundaries (never the thread count), so the result is the same on any machine.
+template <typename acc_t, int N, typename AddRange>
+std::array<acc_t, N> chunked_sum(int64_t n, AddRange add_range, int64_t chunk = kChunk) {
+  if (n <= chunk) {  // one chunk: no task, no allocation
+    std::array<acc_t, N> sum{};
+    if (n > 0) add_range(0, n, sum);
+    return sum;
+  }
+  const int64_t chunks = (n + chunk - 1) / chunk;
+  std::vector<std::array<acc_t, N>> partials(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      std::array<acc_t, N> sum{};
+      add_range(c * chunk, std::min(n, (c + 1) * chunk), sum);
+      partials[c] = sum;
+    }
+  });
+  std::array<acc_t, N> total{};
+  for (const auto& p : partials)
+    for (int k = 0; k < N; ++k) total[k] += p[k];
+  return total;
+}
+
+// Sum of term(k) for k in [begin, end) in kLanes independent accumulators (element k in lane
+// (k - begin) mod kLanes), added in a fixed order at the end: vectorisable, and the same on every run.
+constexpr int kLanes = 16;
+
+template <typename acc_t, int N, typename Term>
+inline void lane_sums(int64_t begin, int64_t end, std::array<acc_t, N>& out, Term term) {
+  if (end - begin < 2 * kLanes) {  // short ranges (small filters): one accumulator
+    for (int64_t k = begin; k < end; ++k) {
+      std::array<acc_t, N> t = term(k);
+      for (int m = 0; m < N; ++m) out[m] += t[m];
+    }
+    return;
+  }
+  acc_t lanes[N][kLanes] = {};
+  int64_t k = begin;
+  for (; k + kLanes <= end; k += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      std::array<acc_t, N> t = term(k + l);
+      for (int m = 0; m < N; ++m) lanes[m][l] += t[m];
+    }
+  }
+  std::array<acc_t, N> tail{};
+  for (; k < end; ++k) {
+    std::array<acc_t, N> t = term(k);
+    for (int m = 0; m < N; ++m) tail[m] += t[m];
+  }
+  for (int m = 0; m < N; ++m) {
+    acc_t total = 0;
+    for (int l = 0; l < kLanes; ++l) total += lanes[m][l];
+    out[m] += total + tail[m];
+  }
+}
+
+struct NoiseKey {
+  uint32_t k0, k1, step;
+};
+
+inline NoiseKey noise_key(uint64_t seed, int64_t step) {
+  return {static_cast<uint32_t>(seed & 0xFFFFFFFFu), static_cast<uint32_t>(seed >> 32),
+          static_cast<uint32_t>(step & 0xFFFFFFFF)};
+}
+
+}  // namespace sam_host
