@@ -8,7 +8,7 @@ from numbers import Real
 
 import torch
 
-from .backends import BACKEND_NAMES
+from .backends import backend_names
 
 
 def check_non_negative(name: str, value, owner: str = "") -> float:
@@ -31,8 +31,9 @@ def check_granularity(granularity) -> str:
 
 
 def check_backend(backend) -> str:
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"Invalid backend: {backend!r} (must be one of {', '.join(BACKEND_NAMES)})")
+    names = backend_names()
+    if backend not in names:
+        raise ValueError(f"Invalid backend: {backend!r} (must be one of {', '.join(names)})")
     return backend
 
 

@@ -1,9 +1,12 @@
 """Functional layer: the sharpness-aware operations on lists of tensors.
 
 Each operation takes lists of tensors on one device and a ``backend`` name
-(``"auto"``, ``"reference"``, ``"foreach"``, and later ``"triton"``,
-``"cuda"``, ``"cpp"``). Per-tensor hyperparameters accept one float for all
-tensors or a sequence with one value per tensor.
+(``"auto"``, ``"reference"``, ``"foreach"``, ``"triton"``, ``"cuda"``,
+``"cpp"`` or any registered one). Per-tensor hyperparameters accept one float
+for all tensors or a sequence with one value per tensor. The arguments are
+declared once, in :data:`sam_kernels.backends.operations.OPERATIONS`, which
+checks them (lengths, seed range) and falls back to ``foreach`` for an
+operation a backend does not implement.
 
 A SAM/ASAM first step is::
 
@@ -27,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .backends import resolve_backend
+from .backends.operations import call
 
 NORM_GUARD = 1e-12
 
@@ -46,31 +50,17 @@ __all__ = [
 FloatOrSeq = float | Sequence[float]
 
 
-def _per_tensor(value: FloatOrSeq, count: int, name: str) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * count
-    values = [float(v) for v in value]
-    if len(values) != count:
-        raise ValueError(f"{name} has {len(values)} values for {count} tensors")
-    return values
-
-
-def _device_of(*lists: Sequence[Tensor]) -> torch.device | None:
+def resolve(backend: str, *lists: Sequence[Tensor]):
+    """The backend implementation for these tensors (``auto`` picks the fastest available)."""
     devices = {t.device for tensors in lists for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    return devices.pop() if devices else None
-
-
-def resolve(backend: str, *lists: Sequence[Tensor]):
-    """The backend implementation for these tensors (``auto`` picks the fastest available)."""
-    device = _device_of(*lists)
-    return resolve_backend(backend, device if device is not None else torch.device("cpu"))
+    return resolve_backend(backend, devices.pop() if devices else torch.device("cpu"))
 
 
 def filter_norms(tensors: Sequence[Tensor], *, backend: str = "auto") -> list[Tensor]:
     """‖f_i‖₂ per filter (dim-0 slice) of each tensor with ndim ≥ 2; |w| for ndim ≤ 1."""
-    return resolve(backend, tensors).filter_norms(list(tensors))
+    return call("filter_norms", backend, {"tensors": tensors})
 
 
 def scaled_grad_sq_sum(
@@ -82,12 +72,7 @@ def scaled_grad_sq_sum(
     backend: str = "auto",
 ) -> Tensor:
     """Σ over all tensors of (t ⊙ g)², t = 1 (SAM), |w| + η or ‖f_i‖ + η (ASAM)."""
-    if not grads:
-        return torch.zeros((), dtype=torch.float32)
-    impl = resolve(backend, params, grads)
-    return impl.scaled_grad_sq_sum(
-        list(params), list(grads), etas=_per_tensor(etas, len(grads), "etas"), adaptive=adaptive
-    )
+    return call("scaled_grad_sq_sum", backend, {"params": params, "grads": grads, "etas": etas, "adaptive": adaptive})
 
 
 def _finite_inverse_norm(sq_sum: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,19 +107,13 @@ def perturb_(
     backend: str = "auto",
 ) -> None:
     """saved ← w; w ← w + ε, ε = s · t² ⊙ g (p = 2) or s · t ⊙ sign(g) (p = ∞)."""
-    if not params:
-        return
-    impl = resolve(backend, params, grads, saved)
-    impl.perturb_(
-        list(params), list(grads), list(saved), list(scales),
-        etas=_per_tensor(etas, len(params), "etas"), adaptive=adaptive, p=p,
-    )
+    call("perturb_", backend, {"params": params, "grads": grads, "saved": saved, "scales": scales, "etas": etas,
+                               "adaptive": adaptive, "p": p})
 
 
 def restore_(params: Sequence[Tensor], saved: Sequence[Tensor], *, backend: str = "auto") -> None:
     """w ← saved, bit-exactly."""
-    if params:
-        resolve(backend, params, saved).restore_(list(params), list(saved))
+    call("restore_", backend, {"params": params, "saved": saved})
 
 
 def add_noise_(
@@ -154,11 +133,8 @@ def add_noise_(
     element when the tensors are dim-0 shards (FSDP), so shards draw their
     part of the whole tensor's noise.
     """
-    if params:
-        resolve(backend, params, saved).add_noise_(
-            list(params), list(saved), gammas=_per_tensor(gammas, len(params), "gammas"),
-            seed=seed, tensor_indices=list(tensor_indices), step=step, element_offsets=element_offsets,
-        )
+    call("add_noise_", backend, {"params": params, "saved": saved, "gammas": gammas, "seed": seed,
+                                 "tensor_indices": tensor_indices, "step": step, "element_offsets": element_offsets})
 
 
 def noise_grad_sums(
@@ -174,13 +150,9 @@ def noise_grad_sums(
     backend: str = "auto",
 ) -> Tensor:
     """(Σ δ₀², Σ g², Σ λ δ₀·g, Σ λ² g²), δ₀ regenerated from the saved (pre-noise) weights."""
-    if not grads:
-        return torch.zeros(4, dtype=torch.float32)
-    return resolve(backend, grads, saved).noise_grad_sums(
-        list(grads), list(saved),
-        gammas=_per_tensor(gammas, len(grads), "gammas"), lams=_per_tensor(lams, len(grads), "lams"),
-        seed=seed, tensor_indices=list(tensor_indices), step=step, element_offsets=element_offsets,
-    )
+    return call("noise_grad_sums", backend, {"grads": grads, "saved": saved, "gammas": gammas, "lams": lams,
+                                             "seed": seed, "tensor_indices": tensor_indices, "step": step,
+                                             "element_offsets": element_offsets})
 
 
 def rsam_coefficients(
@@ -222,9 +194,6 @@ def mix_perturb_(
     backend: str = "auto",
 ) -> None:
     """w ← saved + a·δ₀ + b·g (R-SAM's projected, λ-mixed perturbation from the saved weights)."""
-    if params:
-        resolve(backend, params, grads, saved).mix_perturb_(
-            list(params), list(grads), list(saved), list(noise_coefs), list(grad_coefs),
-            gammas=_per_tensor(gammas, len(params), "gammas"), seed=seed,
-            tensor_indices=list(tensor_indices), step=step, element_offsets=element_offsets,
-        )
+    call("mix_perturb_", backend, {"params": params, "grads": grads, "saved": saved, "noise_coefs": noise_coefs,
+                                   "grad_coefs": grad_coefs, "gammas": gammas, "seed": seed,
+                                   "tensor_indices": tensor_indices, "step": step, "element_offsets": element_offsets})

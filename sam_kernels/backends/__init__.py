@@ -1,43 +1,21 @@
 """Backend registry.
 
-A backend is a module (or any object) that implements the small set of
-list operations below on tensors of one device. Every backend must give the
-same results as ``reference`` (up to float rounding); the optimizer classes
-never know which backend runs.
+A backend is a module (or any object) with ``available() -> (bool, reason)``,
+``supports(device) -> bool`` and any subset of the list operations declared
+in :mod:`sam_kernels.backends.operations` (``filter_norms``,
+``scaled_grad_sq_sum``, ``perturb_``, ``restore_``, ``add_noise_``,
+``noise_grad_sums``, ``mix_perturb_``; their math is in docs/DESIGN.md
+§2–§3). An operation it lacks runs on ``foreach``. Optionally it offers
+``make_plan(params, group_of, num_groups, skip_flag, skip_count)``: a
+whole-step plan object (see sam_kernels/optim/plan.py; ``cpp`` has one).
 
-Operations (all take Python lists of tensors of one device; per-tensor
-hyperparameters are Python floats; ``scales``/coefficients are per-tensor
-0-d device tensors so that no step ever synchronises with the host):
-
-``filter_norms(tensors) -> list[Tensor]``
-    ‖f_i‖₂ for every filter of a tensor with ndim ≥ 2 (shape ``[size(0)]``),
-    ``|w|`` for ndim ≤ 1; float32 (float64 for float64 tensors).
-``scaled_grad_sq_sum(params, grads, *, etas, adaptive) -> Tensor``
-    Σ (t ⊙ g)² over every tensor, t as DESIGN.md §2 (``adaptive`` is None for
-    SAM's t ≡ 1, ``"element"`` or ``"filter"``).
-``perturb_(params, grads, saved, scales, *, etas, adaptive, p)``
-    saved ← w; w ← w + ε with ε = scale · t² ⊙ g (p = 2) or
-    ε = scale · t ⊙ sign(g) (p = ∞). Non-finite ε elements become 0.
-``restore_(params, saved)``
-    w ← saved, bit-exactly.
-``add_noise_(params, saved, *, gammas, seed, tensor_indices, step, element_offsets=None)``
-    saved ← w; w ← w + δ₀ (R-SAM's kernel-scaled Gaussian, DESIGN.md §2).
-``noise_grad_sums(grads, saved, *, gammas, lams, seed, tensor_indices, step, element_offsets=None) -> Tensor[4]``
-    (Σ δ₀², Σ g², Σ λ δ₀·g, Σ λ² g²), δ₀ regenerated from the saved weights.
-``mix_perturb_(params, grads, saved, noise_coefs, grad_coefs, *, gammas, seed, tensor_indices, step, element_offsets=None)``
-    w ← saved + a ⊙ δ₀ + b ⊙ g. Non-finite ε elements become 0.
-
-``element_offsets`` gives the global index of each tensor's first element
-when the tensors are dim-0 shards of bigger ones (FSDP): element e of the
-shard draws element offset + e of the whole tensor's stream.
-
-``available() -> (bool, str)`` says whether the backend can run here and, if
-not, why. ``supports(device) -> bool`` says whether it handles tensors of
-that device type.
-
-New backends (``triton``, ``cuda``, ``cpp``) register themselves with
-:func:`register_backend` from their own module; :data:`_OPTIONAL_MODULES`
-names the modules tried on first use, so adding one touches no optimizer.
+Every backend must give the same results as ``reference`` (up to float
+rounding); the optimizer classes never know which backend runs.
+:func:`register_backend` makes any object selectable as ``backend=name`` in
+the optimizers and the functional layer; ``priority`` ranks it per device
+type for ``backend="auto"``. The optional built-in backends (``triton``,
+``cuda``, ``cpp``) register themselves from the modules named in
+:data:`_OPTIONAL_MODULES` on first use.
 """
 
 from __future__ import annotations
@@ -49,7 +27,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["register_backend", "get_backend", "resolve_backend", "available_backends", "BACKEND_NAMES"]
+__all__ = [
+    "register_backend", "unregister_backend", "get_backend", "resolve_backend", "available_backends",
+    "backend_names", "BACKEND_NAMES",
+]
 
 
 @dataclass
@@ -73,9 +54,30 @@ _discovered = False
 BACKEND_NAMES = ("auto", "reference", "foreach", "triton", "cuda", "cpp")
 
 
-def register_backend(name: str, impl: Any, *, priority: dict[str, int]) -> None:
-    """Make ``impl`` selectable as ``backend=name``; ``priority`` ranks it for ``auto`` per device type."""
-    _REGISTRY[name] = _Entry(name, impl, dict(priority))
+def register_backend(name: str, impl: Any, *, priority: dict[str, int] | None = None) -> None:
+    """Make ``impl`` selectable as ``backend=name`` everywhere; ``priority`` ranks it for ``auto`` per device type.
+
+    ``impl`` needs ``available()`` and ``supports(device)`` and implements any
+    subset of the operations (the rest run on ``foreach``). Without
+    ``priority`` it is never picked by ``auto``.
+    """
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"Invalid backend name: {name!r} (a non-empty string other than 'auto')")
+    for method in ("available", "supports"):
+        if not callable(getattr(impl, method, None)):
+            raise TypeError(f"backend {name!r} must have a callable {method}() (got {impl!r})")
+    _REGISTRY[name] = _Entry(name, impl, dict(priority or {}))
+
+
+def unregister_backend(name: str) -> None:
+    """Forget a backend registered with :func:`register_backend` (built-in ones included)."""
+    _REGISTRY.pop(name, None)
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every name ``backend=`` accepts: ``auto``, the built-in ones and every registered one."""
+    _discover()
+    return BACKEND_NAMES + tuple(name for name in _REGISTRY if name not in BACKEND_NAMES)
 
 
 def mark_unavailable(name: str, reason: str) -> None:
@@ -101,7 +103,7 @@ def available_backends() -> dict[str, str | None]:
     """Every known backend name mapped to None when usable here, else the reason it is not."""
     _discover()
     status: dict[str, str | None] = {}
-    for name in BACKEND_NAMES[1:]:
+    for name in backend_names()[1:]:
         entry = _REGISTRY.get(name)
         if entry is None:
             status[name] = _IMPORT_ERRORS.get(name, "not registered")
@@ -115,7 +117,7 @@ def get_backend(name: str) -> Any:
     """The implementation registered as ``name`` (not ``auto``); raises if it cannot run here."""
     _discover()
     if name not in _REGISTRY:
-        known = ", ".join(BACKEND_NAMES)
+        known = ", ".join(backend_names())
         reason = _IMPORT_ERRORS.get(name)
         detail = f": {reason}" if reason else f" (known backends: {known})"
         raise ValueError(f"backend {name!r} is not available{detail}")

@@ -1,0 +1,162 @@
+"""The backend operations, declared once.
+
+Each :class:`Operation` names its tensor-list arguments (all of one length,
+on one device), its per-tensor hyperparameters (one float for all tensors, or
+one per tensor), its per-tensor integers, its per-tensor device scalars
+(scales and R-SAM coefficients: 0-d tensors, so a step never waits for the
+host) and what it returns. :func:`call` is the one way an operation runs: it
+checks the arguments against the declaration — a clear ``ValueError`` naming
+the argument before any backend sees them — picks the backend for the
+tensors' device, and runs the operation there, or on ``foreach`` (``reference``
+where foreach does not run) when that backend does not implement it. A
+backend therefore implements any subset of :data:`OPERATIONS`.
+
+The math of each operation is in docs/DESIGN.md §2–§3; ``reference.py`` is
+its readable form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    tensor_lists: tuple[str, ...]
+    per_tensor_floats: tuple[str, ...] = ()
+    per_tensor_ints: tuple[str, ...] = ()  # optional ones may be None
+    device_scalars: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()  # whole-call options (ASAM's adaptive mode and p)
+    noise: bool = False  # takes the R-SAM noise stream's seed and step
+    returns: str = "nothing"  # "nothing" (in place), "sum" (a 0-d tensor), "sums4", "per tensor"
+    doc: str = ""
+
+
+OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in [
+        Operation("filter_norms", ("tensors",), returns="per tensor",
+                  doc="‖f_i‖₂ per filter of each tensor with ndim ≥ 2, |w| for ndim ≤ 1"),
+        Operation("scaled_grad_sq_sum", ("params", "grads"), ("etas",), options=("adaptive",), returns="sum",
+                  doc="Σ (t ⊙ g)² over every tensor"),
+        Operation("perturb_", ("params", "grads", "saved"), ("etas",), device_scalars=("scales",), options=("adaptive", "p"),
+                  doc="saved ← w; w ← w + s·t²⊙g (p = 2) or s·t⊙sign(g) (p = ∞)"),
+        Operation("restore_", ("params", "saved"), doc="w ← saved, bit-exactly"),
+        Operation("add_noise_", ("params", "saved"), ("gammas",), ("tensor_indices", "element_offsets"),
+                  noise=True, doc="saved ← w; w ← w + δ₀"),
+        Operation("noise_grad_sums", ("grads", "saved"), ("gammas", "lams"), ("tensor_indices", "element_offsets"),
+                  noise=True, returns="sums4", doc="(Σδ₀², Σg², Σλδ₀·g, Σλ²g²)"),
+        Operation("mix_perturb_", ("params", "grads", "saved"), ("gammas",), ("tensor_indices", "element_offsets"),
+                  device_scalars=("noise_coefs", "grad_coefs"), noise=True, doc="w ← saved + a·δ₀ + b·g"),
+    ]
+}
+
+
+def _device_of(op: Operation, lists: dict[str, list[Tensor]]) -> torch.device:
+    devices = {t.device for tensors in lists.values() for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{op.name}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    return devices.pop() if devices else torch.device("cpu")
+
+
+def check_arguments(op: Operation, arguments: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The tensor count and the arguments normalised (lists; floats broadcast), or a ValueError naming one."""
+    normalised = dict(arguments)
+    count = None
+    for name in op.tensor_lists:
+        normalised[name] = list(arguments[name])
+        if count is None:
+            count = len(normalised[name])
+        elif len(normalised[name]) != count:
+            raise ValueError(
+                f"{op.name}: {name} has {len(normalised[name])} tensors, {op.tensor_lists[0]} has {count}"
+            )
+    for name in op.per_tensor_floats:
+        value = arguments[name]
+        if isinstance(value, (int, float)):
+            normalised[name] = [float(value)] * count
+        else:
+            normalised[name] = [float(v) for v in value]
+            if len(normalised[name]) != count:
+                raise ValueError(f"{op.name}: {name} has {len(normalised[name])} values for {count} tensors")
+    for name in op.per_tensor_ints + op.device_scalars:
+        value = arguments.get(name)
+        if value is None:
+            if name == "element_offsets":
+                normalised[name] = [0] * count
+                continue
+            raise ValueError(f"{op.name}: {name} is required")
+        normalised[name] = list(value)
+        if len(normalised[name]) != count:
+            raise ValueError(f"{op.name}: {name} has {len(normalised[name])} values for {count} tensors")
+    if op.noise:
+        seed, step = arguments["seed"], arguments["step"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"{op.name}: seed must be an int in [0, 2**64), got {seed!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{op.name}: step must be an int >= 0, got {step!r}")
+        bad = [j for j in normalised["tensor_indices"] if not 0 <= int(j) < 2**32]
+        if bad:
+            raise ValueError(f"{op.name}: tensor_indices must be in [0, 2**32), got {bad[0]!r}")
+    return count or 0, normalised
+
+
+def implementation(impl: Any, op: Operation, device: torch.device):
+    """The function running ``op`` for ``impl``: its own, or the fallback backend's."""
+    fn = getattr(impl, op.name, None)
+    if fn is not None:
+        return fn
+    from . import foreach, reference
+
+    fallback = foreach if foreach.supports(device) else reference
+    return getattr(fallback, op.name)
+
+
+def call(name: str, backend: str, arguments: dict[str, Any]):
+    """Run operation ``name`` on ``backend`` (``auto``: the best for the tensors' device)."""
+    from . import resolve_backend
+
+    op = OPERATIONS[name]
+    count, args = check_arguments(op, arguments)
+    device = _device_of(op, {k: args[k] for k in op.tensor_lists})
+    impl = resolve_backend(backend, device)
+    if count == 0:
+        return _empty_result(op, device)
+    fn = implementation(impl, op, device)
+    positional = [args[k] for k in op.tensor_lists] + [args[k] for k in op.device_scalars]
+    keywords = {k: args[k] for k in op.per_tensor_floats + op.per_tensor_ints}
+    if op.noise:
+        keywords["seed"], keywords["step"] = arguments["seed"], arguments["step"]
+    keywords.update({k: arguments[k] for k in op.options})
+    return fn(*positional, **keywords)
+
+
+def _empty_result(op: Operation, device: torch.device):
+    if op.returns == "sum":
+        return torch.zeros((), dtype=torch.float32, device=device)
+    if op.returns == "sums4":
+        return torch.zeros(4, dtype=torch.float32, device=device)
+    if op.returns == "per tensor":
+        return []
+    return None
+
+
+def missing(impl: Any) -> list[str]:
+    """The operations a backend object leaves to the fallback."""
+    return [name for name in OPERATIONS if getattr(impl, name, None) is None]
+
+
+def declared_signature(op: Operation) -> str:
+    """One line describing an operation's arguments, for docs and error messages."""
+    parts = list(op.tensor_lists) + list(op.device_scalars)
+    keywords = list(op.per_tensor_floats) + list(op.per_tensor_ints) + list(op.options)
+    keywords += ["seed", "step"] if op.noise else []
+    return f"{op.name}({', '.join(parts)}{', *, ' + ', '.join(keywords) if keywords else ''}) -> {op.returns}"
+
+
+__all__ = ["Operation", "OPERATIONS", "call", "check_arguments", "implementation", "missing", "declared_signature"]
