@@ -70,10 +70,17 @@ inline void lane_sums(int64_t begin, int64_t end, std::array<acc_t, N>& out, Ter
   acc_t lanes[N][kLanes] = {};
   int64_t k = begin;
   for (; k + kLanes <= end; k += kLanes) {
+    // The lane loops stay loops (not unrolled early), so the vectoriser takes them, not the k loop
+    // (vectorising the k loop would gather across blocks).
+    acc_t terms[N][kLanes];
+#pragma GCC unroll 1
     for (int l = 0; l < kLanes; ++l) {
-      std::array<acc_t, N> t = term(k + l);
-      for (int m = 0; m < N; ++m) lanes[m][l] += t[m];
+      const std::array<acc_t, N> t = term(k + l);
+      for (int m = 0; m < N; ++m) terms[m][l] = t[m];
     }
+    for (int m = 0; m < N; ++m)
+#pragma GCC unroll 1
+      for (int l = 0; l < kLanes; ++l) lanes[m][l] += terms[m][l];
   }
   std::array<acc_t, N> tail{};
   for (; k < end; ++k) {

@@ -1,8 +1,8 @@
-// backend="cpp": the step plan (host_plan.h). Each phase validates, then runs fused passes over raw
-// memory: no ATen op is dispatched in a step once the saved buffers exist (a TorchDispatchMode sees none).
+// backend="cpp": the step plan (host_plan.h). Each phase reads every param it touches once into a View
+// (checking it), then runs fused passes over raw memory. No ATen op is dispatched in a step once the
+// saved buffers exist (a TorchDispatchMode sees none), and the per-tensor cost is a few tens of ns.
 #include "host_plan.h"
 
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -18,6 +18,7 @@
 namespace sam_host {
 namespace {
 
+using View = StepPlan::View;
 constexpr double kNormGuard = 1e-12;
 
 bool supported_dtype(at::ScalarType t) {
@@ -26,8 +27,7 @@ bool supported_dtype(at::ScalarType t) {
 
 // A weight the plan's passes can run on: a dense contiguous CPU tensor of a floating dtype.
 bool usable_weight(const at::Tensor& w) {
-  return w.defined() && w.layout() == at::kStrided && w.device().is_cpu() && supported_dtype(w.scalar_type()) &&
-         w.is_contiguous();
+  return w.layout() == at::kStrided && w.device().is_cpu() && supported_dtype(w.scalar_type()) && w.is_contiguous();
 }
 
 // A buffer (gradient or saved copy) that matches its weight element for element.
@@ -38,28 +38,65 @@ bool matches(const at::Tensor& t, const at::Tensor& w) {
 
 void bump_version(const at::Tensor& w) { w.unsafeGetTensorImpl()->bump_version(); }
 
+// at::parallel_for, called only for ranges worth splitting (small tensors run inline, with no overhead).
+template <typename F>
+void parallel_range(int64_t n, int64_t grain, const F& f) {
+  if (n <= grain) {
+    if (n > 0) f(int64_t(0), n);
+    return;
+  }
+  at::parallel_for(0, n, grain, f);
+}
+
+// Calls f(scalar_t{}) for the view's dtype.
+template <typename F>
+void dispatch(at::ScalarType type, const F& f) {
+  switch (type) {
+    case at::kFloat: f(float{}); break;
+    case at::kDouble: f(double{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "StepPlan: unsupported dtype ", type);
+  }
+}
+
 // sigma of the noise of one row: gamma * ||w_row|| / sqrt(n_row).
 template <typename acc_t>
 acc_t row_sigma(double gamma, double norm, int64_t fsize) {
   return static_cast<acc_t>(gamma * norm / std::sqrt(static_cast<double>(fsize)));
 }
 
+// ||row|| of each row of [r0, r1) into norms.
+template <typename scalar_t>
+void row_norms(const scalar_t* w, int64_t fsize, int64_t r0, int64_t r1, double* norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t r = r0; r < r1; ++r) {
+    std::array<acc_t, 1> sq{};
+    const scalar_t* x = w + r * fsize;
+    lane_sums<acc_t, 1>(0, fsize, sq, [x](int64_t k) {
+      const acc_t a = static_cast<acc_t>(x[k]);
+      return std::array<acc_t, 1>{a * a};
+    });
+    norms[r] = static_cast<double>(std::sqrt(sq[0]));
+  }
+}
+
 // Runs body(base, n, z, sigma) over [begin, end) of tensor j in batches of up to kNoiseBatch elements:
 // z the standard normals of elements base .. base + n - 1, sigma their noise std (per row from the norms
 // kept by add_noise for ndim >= 2, gamma * |w| of `before_noise` for ndim <= 1). docs/DESIGN.md §2-§3.
 template <typename acc_t, typename scalar_t, typename Body>
-void noise_batches(int64_t begin, int64_t end, const NoiseKey& key, uint32_t j, const FilterShape& shape,
-                   const double* norms, double gamma, const scalar_t* before_noise, Body body) {
+void noise_batches(int64_t begin, int64_t end, const NoiseKey& key, uint32_t j, int64_t fsize, const double* norms,
+                   double gamma, const scalar_t* before_noise, const Body& body) {
   float z[kNoiseBatch];
   acc_t sigma[kNoiseBatch];
   for (int64_t base = begin; base < end; base += kNoiseBatch) {
     const int64_t n = std::min<int64_t>(kNoiseBatch, end - base);
     standard_normals(z, base, n, key.k0, key.k1, j, key.step);
-    if (shape.fsize) {
-      int64_t row = base / shape.fsize, col = base - row * shape.fsize;
+    if (fsize) {
+      int64_t row = base / fsize, col = base - row * fsize;
       for (int64_t k = 0; k < n; col = 0, ++row) {
-        const acc_t s = row_sigma<acc_t>(gamma, norms[row], shape.fsize);
-        const int64_t run = std::min(n - k, shape.fsize - col);
+        const acc_t s = row_sigma<acc_t>(gamma, norms[row], fsize);
+        const int64_t run = std::min(n - k, fsize - col);
         for (int64_t q = 0; q < run; ++q) sigma[k + q] = s;
         k += run;
       }
@@ -69,6 +106,173 @@ void noise_batches(int64_t begin, int64_t end, const NoiseKey& key, uint32_t j, 
     }
     body(base, n, z, sigma);
   }
+}
+
+// ---------------------------------------------------------------- SAM / ASAM passes
+// Sum of (t * g)^2 over the view; filter-wise ASAM keeps each row's norm (one pass reads w and g once).
+template <typename scalar_t>
+double sam_sum(const View& v, int mode, double eta_value, double* norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* wd = static_cast<const scalar_t*>(v.w);
+  const scalar_t* gd = static_cast<const scalar_t*>(v.g);
+  const acc_t eta = static_cast<acc_t>(eta_value);
+  if (mode == sam::kFilter && v.fsize) {
+    const int64_t fsize = v.fsize;
+    auto sum = chunked_sum<acc_t, 1>(
+        v.rows,
+        [&](int64_t r0, int64_t r1, std::array<acc_t, 1>& s) {
+          for (int64_t r = r0; r < r1; ++r) {
+            std::array<acc_t, 2> sq{};
+            const scalar_t* x = wd + r * fsize;
+            const scalar_t* y = gd + r * fsize;
+            lane_sums<acc_t, 2>(0, fsize, sq, [x, y](int64_t k) {
+              const acc_t a = static_cast<acc_t>(x[k]), b = static_cast<acc_t>(y[k]);
+              return std::array<acc_t, 2>{a * a, b * b};
+            });
+            const acc_t norm = std::sqrt(sq[0]);
+            norms[r] = static_cast<double>(norm);
+            s[0] += (norm + eta) * (norm + eta) * sq[1];
+          }
+        },
+        std::max<int64_t>(1, kChunk / fsize));
+    return static_cast<double>(sum[0]);
+  }
+  const int m = mode == sam::kFilter ? int(sam::kElement) : mode;
+  auto sum = chunked_sum<acc_t, 1>(v.numel, [&](int64_t b, int64_t e, std::array<acc_t, 1>& s) {
+    if (m == sam::kSam) {
+      lane_sums<acc_t, 1>(b, e, s, [gd](int64_t k) {
+        const acc_t g = static_cast<acc_t>(gd[k]);
+        return std::array<acc_t, 1>{g * g};
+      });
+    } else {
+      lane_sums<acc_t, 1>(b, e, s, [wd, gd, eta](int64_t k) {
+        const acc_t tg = (std::abs(static_cast<acc_t>(wd[k])) + eta) * static_cast<acc_t>(gd[k]);
+        return std::array<acc_t, 1>{tg * tg};
+      });
+    }
+  });
+  return static_cast<double>(sum[0]);
+}
+
+// saved <- w; w <- w + eps, eps = s t^2 g (p = 2) or s t sign(g) (p = inf). One loop per (mode, p).
+template <typename scalar_t, int kMode, bool kPInf>
+void sam_perturb(const View& v, double eta_value, double scale_value, const double* norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t* wd = static_cast<scalar_t*>(v.w);
+  scalar_t* sd = static_cast<scalar_t*>(v.s);
+  const scalar_t* gd = static_cast<const scalar_t*>(v.g);
+  const acc_t eta = static_cast<acc_t>(eta_value), scale = static_cast<acc_t>(scale_value);
+  auto update = [&](int64_t begin, int64_t end, acc_t t_row) {
+    for (int64_t k = begin; k < end; ++k) {
+      const acc_t wk = static_cast<acc_t>(wd[k]);
+      sd[k] = wd[k];
+      const acc_t t = kMode == sam::kFilter ? t_row : sam::asam_scale<acc_t>(wk, eta, acc_t(0), kMode);
+      const acc_t eps = sam::sam_perturbation<acc_t>(scale, t, static_cast<acc_t>(gd[k]), kPInf);
+      wd[k] = static_cast<scalar_t>(wk + sam::finite_or_zero(eps));
+    }
+  };
+  if (kMode == sam::kFilter) {  // row by row: t is one value per row
+    parallel_range(v.rows, std::max<int64_t>(1, kGrain / v.fsize), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) update(r * v.fsize, (r + 1) * v.fsize, static_cast<acc_t>(norms[r]) + eta);
+    });
+  } else {
+    parallel_range(v.numel, kGrain, [&](int64_t b, int64_t e) { update(b, e, acc_t(0)); });
+  }
+}
+
+template <typename scalar_t>
+void sam_perturb_any(const View& v, int mode, bool p_inf, double eta, double scale, const double* norms) {
+  using std::integral_constant;
+  const int m = mode == sam::kFilter && !v.fsize ? int(sam::kElement) : mode;
+#define SAM_PERTURB_CASE(M)                                                 \
+  case M:                                                                   \
+    p_inf ? sam_perturb<scalar_t, M, true>(v, eta, scale, norms)            \
+          : sam_perturb<scalar_t, M, false>(v, eta, scale, norms);          \
+    break;
+  switch (m) {
+    SAM_PERTURB_CASE(sam::kSam)
+    SAM_PERTURB_CASE(sam::kElement)
+    SAM_PERTURB_CASE(sam::kFilter)
+  }
+#undef SAM_PERTURB_CASE
+}
+
+// ---------------------------------------------------------------- R-SAM passes
+// saved <- w; w <- w + delta0. For filters: the rows' norms (kept for sigma in the later passes), then
+// their noise while they are in cache.
+template <typename scalar_t>
+void noise_add(const View& v, double gamma, const NoiseKey& key, double* norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t* wd = static_cast<scalar_t*>(v.w);
+  scalar_t* sd = static_cast<scalar_t*>(v.s);
+  auto noise_range = [&](int64_t begin, int64_t end) {
+    noise_batches<acc_t>(begin, end, key, static_cast<uint32_t>(v.i), v.fsize, norms, gamma, wd,
+                         [&](int64_t base, int64_t n, const float* z, const acc_t* sigma) {
+                           scalar_t* x = wd + base;
+                           scalar_t* saved = sd + base;
+                           for (int64_t k = 0; k < n; ++k) {
+                             saved[k] = x[k];
+                             x[k] = static_cast<scalar_t>(static_cast<acc_t>(x[k]) + sigma[k] * z[k]);
+                           }
+                         });
+  };
+  if (v.fsize) {
+    parallel_range(v.rows, std::max<int64_t>(1, kGrain / v.fsize), [&](int64_t r0, int64_t r1) {
+      row_norms(static_cast<const scalar_t*>(wd), v.fsize, r0, r1, norms);
+      noise_range(r0 * v.fsize, r1 * v.fsize);
+    });
+  } else {
+    parallel_range(v.numel, kGrain, noise_range);
+  }
+}
+
+// (sum delta^2, sum g^2, sum delta * g), delta regenerated from the saved weights.
+template <typename scalar_t>
+std::array<double, 3> rsam_sums(const View& v, double gamma, const NoiseKey& key, const double* norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* sd = static_cast<const scalar_t*>(v.s);
+  const scalar_t* gd = static_cast<const scalar_t*>(v.g);
+  auto sum = chunked_sum<acc_t, 3>(v.numel, [&](int64_t b, int64_t e, std::array<acc_t, 3>& acc) {
+    noise_batches<acc_t>(b, e, key, static_cast<uint32_t>(v.i), v.fsize, norms, gamma, sd,
+                         [&](int64_t base, int64_t n, const float* z, const acc_t* sigma) {
+                           const scalar_t* gb = gd + base;
+                           lane_sums<acc_t, 3>(0, n, acc, [sigma, z, gb](int64_t k) {
+                             const acc_t delta = sigma[k] * z[k];
+                             const acc_t gk = static_cast<acc_t>(gb[k]);
+                             return std::array<acc_t, 3>{delta * delta, gk * gk, delta * gk};
+                           });
+                         });
+  });
+  return {static_cast<double>(sum[0]), static_cast<double>(sum[1]), static_cast<double>(sum[2])};
+}
+
+// w <- saved + a * delta + b * g.
+template <typename scalar_t>
+void rsam_mix(const View& v, double gamma, double a_value, double b_value, const NoiseKey& key, const double* norms) {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t* wd = static_cast<scalar_t*>(v.w);
+  const scalar_t* sd = static_cast<const scalar_t*>(v.s);
+  const scalar_t* gd = static_cast<const scalar_t*>(v.g);
+  const acc_t a = static_cast<acc_t>(a_value), b = static_cast<acc_t>(b_value);
+  parallel_range(v.numel, kGrain, [&](int64_t begin, int64_t end) {
+    noise_batches<acc_t>(begin, end, key, static_cast<uint32_t>(v.i), v.fsize, norms, gamma, sd,
+                         [&](int64_t base, int64_t n, const float* z, const acc_t* sigma) {
+                           scalar_t* x = wd + base;
+                           const scalar_t* sb = sd + base;
+                           const scalar_t* gb = gd + base;
+                           for (int64_t k = 0; k < n; ++k) {
+                             const acc_t eps = a * sigma[k] * z[k] + b * static_cast<acc_t>(gb[k]);
+                             x[k] = static_cast<scalar_t>(static_cast<acc_t>(sb[k]) + sam::finite_or_zero(eps));
+                           }
+                         });
+  });
+}
+
+void copy_back(const View& v) {
+  const int64_t bytes = v.numel * static_cast<int64_t>(c10::elementSize(v.dtype));
+  char* dst = static_cast<char*>(v.w);
+  const char* src = static_cast<const char*>(v.s);
+  parallel_range(bytes, kGrain * 4, [&](int64_t b, int64_t e) { std::memcpy(dst + b, src + b, e - b); });
 }
 
 }  // namespace
@@ -89,6 +293,15 @@ StepPlan::StepPlan(std::vector<at::Tensor> params, std::vector<int64_t> group_of
               "StepPlan: skip_flag must be a one-element CPU bool tensor");
   TORCH_CHECK(skip_count_.scalar_type() == at::kLong && skip_count_.numel() == 1 && skip_count_.device().is_cpu(),
               "StepPlan: skip_count must be a one-element CPU int64 tensor");
+  views_.reserve(params_.size());
+  scratch_.reserve(params_.size());
+}
+
+std::vector<int64_t> StepPlan::active() const {
+  std::vector<int64_t> positions;
+  positions.reserve(views_.size());
+  for (const View& v : views_) positions.push_back(v.i);
+  return positions;
 }
 
 at::Tensor StepPlan::saved(int64_t i) const {
@@ -101,17 +314,24 @@ void StepPlan::set_saved(int64_t i, const at::Tensor& buffer) {
   saved_[i] = buffer;
 }
 
-bool StepPlan::ensure_saved(const std::vector<int64_t>& positions) {
-  for (int64_t i : positions) {
-    const at::Tensor& w = params_[i];
-    if (!matches(saved_[i], w)) saved_[i] = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+// The view of param i (its gradient too when with_grad), or false when a pass cannot take it here.
+bool StepPlan::view_of(int64_t i, bool with_grad, View& view) {
+  const at::Tensor& w = params_[i];
+  if (!usable_weight(w)) return false;
+  view.i = i;
+  view.w = w.data_ptr();
+  view.g = nullptr;
+  if (with_grad) {
+    const at::Tensor& g = w.grad();
+    if (!matches(g, w)) return false;
+    view.g = g.data_ptr();
   }
-  return true;
-}
-
-bool StepPlan::gradients_usable(const std::vector<int64_t>& positions) const {
-  for (int64_t i : positions)
-    if (!usable_weight(params_[i]) || !matches(params_[i].grad(), params_[i])) return false;
+  view.s = nullptr;
+  view.numel = w.numel();
+  view.rows = w.dim() >= 2 ? w.size(0) : 0;
+  view.fsize = view.rows ? view.numel / view.rows : 0;
+  view.dtype = w.scalar_type();
+  view.group = group_of_[i];
   return true;
 }
 
@@ -124,184 +344,64 @@ int64_t StepPlan::sam_first_step(const std::vector<double>& rhos, const std::vec
                                  bool p_inf) {
   TORCH_CHECK(static_cast<int64_t>(rhos.size()) == num_groups_ && static_cast<int64_t>(etas.size()) == num_groups_,
               "StepPlan.sam_first_step: one rho and one eta per param group");
-  std::vector<int64_t> positions;
-  for (int64_t i = 0; i < size(); ++i)
-    if (params_[i].grad().defined()) positions.push_back(i);
-  if (!gradients_usable(positions)) return -1;
-  ensure_saved(positions);
-
-  // Pass 1: sum of (t * g)^2; filter-wise ASAM keeps each row's norm for pass 2.
-  double total = 0;
-  for (int64_t i : positions) {
-    const at::Tensor& w = params_[i];
-    const at::Tensor& g = w.grad();
-    const FilterShape shape = filter_shape(w);
-    const bool by_row = mode == sam::kFilter && shape.fsize;
-    if (by_row) norms_[i].resize(shape.rows);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "sam_first_step", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* wd = w.data_ptr<scalar_t>();
-      const scalar_t* gd = g.data_ptr<scalar_t>();
-      const acc_t eta = static_cast<acc_t>(etas[group_of_[i]]);
-      if (by_row) {
-        double* norms = norms_[i].data();
-        const int64_t fsize = shape.fsize;
-        auto sum = chunked_sum<acc_t, 1>(
-            shape.rows,
-            [&](int64_t r0, int64_t r1, std::array<acc_t, 1>& s) {
-              for (int64_t r = r0; r < r1; ++r) {
-                std::array<acc_t, 2> sq{};
-                const scalar_t* x = wd + r * fsize;
-                const scalar_t* y = gd + r * fsize;
-                lane_sums<acc_t, 2>(0, fsize, sq, [&](int64_t k) {
-                  const acc_t a = static_cast<acc_t>(x[k]), b = static_cast<acc_t>(y[k]);
-                  return std::array<acc_t, 2>{a * a, b * b};
-                });
-                const acc_t norm = std::sqrt(sq[0]), gg = sq[1];
-                norms[r] = static_cast<double>(norm);
-                s[0] += (norm + eta) * (norm + eta) * gg;
-              }
-            },
-            std::max<int64_t>(1, kChunk / fsize));
-        total += static_cast<double>(sum[0]);
-      } else {
-        const int m = static_cast<int>(mode == sam::kFilter ? sam::kElement : mode);
-        auto sum = chunked_sum<acc_t, 1>(w.numel(), [&](int64_t b, int64_t e, std::array<acc_t, 1>& s) {
-          lane_sums<acc_t, 1>(b, e, s, [&](int64_t k) {
-            const acc_t wk = static_cast<acc_t>(wd[k]);
-            const acc_t tg = sam::asam_scale<acc_t>(wk, eta, acc_t(0), m) * static_cast<acc_t>(gd[k]);
-            return std::array<acc_t, 1>{tg * tg};
-          });
-        });
-        total += static_cast<double>(sum[0]);
-      }
-    });
+  TORCH_CHECK(0 <= mode && mode <= 2, "StepPlan.sam_first_step: mode must be 0, 1 or 2");
+  scratch_.clear();
+  View v;
+  for (int64_t i = 0; i < size(); ++i) {
+    if (!params_[i].grad().defined()) continue;
+    if (!view_of(i, true, v)) return -1;
+    scratch_.push_back(v);
   }
+  // Checked: from here on nothing fails. Saved buffers are (re)made at the start of a step only.
+  for (View& view : scratch_) {
+    const at::Tensor& w = params_[view.i];
+    if (!matches(saved_[view.i], w)) saved_[view.i] = at::empty(w.sizes(), w.options());
+    view.s = saved_[view.i].data_ptr();
+    if (mode == sam::kFilter) norms_[view.i].resize(view.rows);
+  }
+  double total = 0;  // pass 1: sum of (t * g)^2, in a fixed order
+  for (const View& view : scratch_)
+    dispatch(view.dtype, [&](auto tag) {
+      total += sam_sum<decltype(tag)>(view, static_cast<int>(mode), etas[view.group], norms_[view.i].data());
+    });
   const bool skipped = !std::isfinite(total);
   const double unit = skipped ? 0.0 : (p_inf ? 1.0 : 1.0 / (std::sqrt(total) + kNormGuard));
-
-  // Pass 2: saved <- w; w <- w + eps.
-  for (int64_t i : positions) {
-    const at::Tensor& w = params_[i];
-    const at::Tensor& g = w.grad();
-    const FilterShape shape = filter_shape(w);
-    const bool by_row = mode == sam::kFilter && shape.fsize;
-    const int m = static_cast<int>(mode == sam::kFilter && !shape.fsize ? sam::kElement : mode);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "sam_first_step", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      scalar_t* wd = w.data_ptr<scalar_t>();
-      scalar_t* sd = saved_[i].data_ptr<scalar_t>();
-      const scalar_t* gd = g.data_ptr<scalar_t>();
-      const acc_t eta = static_cast<acc_t>(etas[group_of_[i]]);
-      const acc_t scale = static_cast<acc_t>(unit * rhos[group_of_[i]]);
-      const double* norms = by_row ? norms_[i].data() : nullptr;
-      // One loop per (mode, p): the branches on them leave the element loop, which then vectorises.
-      auto pass = [&](auto mode_c, auto p_inf_c) {
-        constexpr int kMode = decltype(mode_c)::value;
-        constexpr bool kPInf = decltype(p_inf_c)::value;
-        if (kMode == sam::kFilter) {  // row by row: t is one value per row
-          const int64_t fsize = shape.fsize;
-          at::parallel_for(0, shape.rows, std::max<int64_t>(1, kGrain / fsize), [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) {
-              const acc_t t = static_cast<acc_t>(norms[r]) + eta;
-              scalar_t* x = wd + r * fsize;
-              scalar_t* saved = sd + r * fsize;
-              const scalar_t* y = gd + r * fsize;
-              for (int64_t k = 0; k < fsize; ++k) {
-                const acc_t wk = static_cast<acc_t>(x[k]);
-                saved[k] = x[k];
-                const acc_t eps = sam::sam_perturbation<acc_t>(scale, t, static_cast<acc_t>(y[k]), kPInf);
-                x[k] = static_cast<scalar_t>(wk + sam::finite_or_zero(eps));
-              }
-            }
-          });
-          return;
-        }
-        at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
-          for (int64_t k = begin; k < end; ++k) {
-            const acc_t wk = static_cast<acc_t>(wd[k]);
-            sd[k] = wd[k];
-            const acc_t t = sam::asam_scale<acc_t>(wk, eta, acc_t(0), kMode);
-            const acc_t eps = sam::sam_perturbation<acc_t>(scale, t, static_cast<acc_t>(gd[k]), kPInf);
-            wd[k] = static_cast<scalar_t>(wk + sam::finite_or_zero(eps));
-          }
-        });
-      };
-      using std::integral_constant;
-      switch (by_row ? int(sam::kFilter) : m) {
-        case sam::kSam:
-          p_inf ? pass(integral_constant<int, sam::kSam>{}, std::true_type{})
-                : pass(integral_constant<int, sam::kSam>{}, std::false_type{});
-          break;
-        case sam::kElement:
-          p_inf ? pass(integral_constant<int, sam::kElement>{}, std::true_type{})
-                : pass(integral_constant<int, sam::kElement>{}, std::false_type{});
-          break;
-        default:
-          p_inf ? pass(integral_constant<int, sam::kFilter>{}, std::true_type{})
-                : pass(integral_constant<int, sam::kFilter>{}, std::false_type{});
-      }
+  for (const View& view : scratch_) {  // pass 2: saved <- w, w <- w + eps
+    dispatch(view.dtype, [&](auto tag) {
+      sam_perturb_any<decltype(tag)>(view, static_cast<int>(mode), p_inf, etas[view.group], unit * rhos[view.group],
+                                     norms_[view.i].data());
     });
-    bump_version(w);
+    bump_version(params_[view.i]);
   }
   record_skip(skipped);
-  active_ = std::move(positions);
-  return static_cast<int64_t>(active_.size());
+  std::swap(views_, scratch_);
+  return static_cast<int64_t>(views_.size());
 }
 
 int64_t StepPlan::add_noise(const std::vector<double>& gammas, uint64_t seed, int64_t step) {
   TORCH_CHECK(static_cast<int64_t>(gammas.size()) == num_groups_, "StepPlan.add_noise: one gamma per param group");
-  std::vector<int64_t> positions;
+  scratch_.clear();
+  View v;
   for (int64_t i = 0; i < size(); ++i) {
     if (!params_[i].requires_grad()) continue;
-    if (!usable_weight(params_[i])) return -1;
-    positions.push_back(i);
+    if (!view_of(i, false, v)) return -1;
+    scratch_.push_back(v);
   }
-  ensure_saved(positions);
+  for (View& view : scratch_) {
+    const at::Tensor& w = params_[view.i];
+    if (!matches(saved_[view.i], w)) saved_[view.i] = at::empty(w.sizes(), w.options());
+    view.s = saved_[view.i].data_ptr();
+    norms_[view.i].resize(view.rows);
+  }
   const NoiseKey key = noise_key(seed, step);
-  for (int64_t i : positions) {
-    const at::Tensor& w = params_[i];
-    const FilterShape shape = filter_shape(w);
-    norms_[i].resize(shape.rows);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "add_noise", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      scalar_t* wd = w.data_ptr<scalar_t>();
-      scalar_t* sd = saved_[i].data_ptr<scalar_t>();
-      double* norms = norms_[i].data();
-      const int64_t fsize = shape.fsize;
-      auto noise_range = [&](int64_t begin, int64_t end) {
-        noise_batches<acc_t>(begin, end, key, static_cast<uint32_t>(i), shape, norms, gammas[group_of_[i]], wd,
-                             [&](int64_t base, int64_t n, const float* z, const acc_t* sigma) {
-                               scalar_t* x = wd + base;
-                               scalar_t* saved = sd + base;
-                               for (int64_t k = 0; k < n; ++k) {
-                                 saved[k] = x[k];
-                                 x[k] = static_cast<scalar_t>(static_cast<acc_t>(x[k]) + sigma[k] * z[k]);
-                               }
-                             });
-      };
-      if (fsize) {
-        // The rows' norms (kept for sigma in the later passes), then their noise while they are in cache.
-        at::parallel_for(0, shape.rows, std::max<int64_t>(1, kGrain / fsize), [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) {
-            std::array<acc_t, 1> ww{};
-            const scalar_t* x = wd + r * fsize;
-            lane_sums<acc_t, 1>(0, fsize, ww, [&](int64_t k) {
-              const acc_t a = static_cast<acc_t>(x[k]);
-              return std::array<acc_t, 1>{a * a};
-            });
-            norms[r] = static_cast<double>(std::sqrt(ww[0]));
-          }
-          noise_range(r0 * fsize, r1 * fsize);
-        });
-      } else {
-        at::parallel_for(0, w.numel(), kGrain, noise_range);
-      }
+  for (const View& view : scratch_) {
+    dispatch(view.dtype, [&](auto tag) {
+      noise_add<decltype(tag)>(view, gammas[view.group], key, norms_[view.i].data());
     });
-    bump_version(w);
+    bump_version(params_[view.i]);
   }
-  active_ = std::move(positions);
-  return static_cast<int64_t>(active_.size());
+  std::swap(views_, scratch_);
+  return static_cast<int64_t>(views_.size());
 }
 
 int64_t StepPlan::rsam_first_step(const std::vector<double>& rhos, const std::vector<double>& gammas,
@@ -309,48 +409,32 @@ int64_t StepPlan::rsam_first_step(const std::vector<double>& rhos, const std::ve
   TORCH_CHECK(static_cast<int64_t>(rhos.size()) == num_groups_ && static_cast<int64_t>(gammas.size()) == num_groups_ &&
                   static_cast<int64_t>(lams.size()) == num_groups_,
               "StepPlan.rsam_first_step: one rho, gamma and lam per param group");
-  std::vector<int64_t> kept, dropped;
-  for (int64_t i : active_) {
-    // The weight must still be what noise_step() saved (same dtype, shape, layout), and the rows the same.
-    if (!usable_weight(params_[i]) || !matches(saved_[i], params_[i])) return -1;
-    if (static_cast<int64_t>(norms_[i].size()) != filter_shape(params_[i]).rows) return -1;
-    (params_[i].grad().defined() ? kept : dropped).push_back(i);
+  // The noised params: each must still be what noise_step() saved (same storage, dtype, shape).
+  scratch_.clear();
+  std::vector<View> dropped;
+  View v;
+  for (const View& noised : views_) {
+    const int64_t i = noised.i;
+    const bool has_grad = params_[i].grad().defined();
+    if (!view_of(i, has_grad, v) || v.w != noised.w || !matches(saved_[i], params_[i])) return -1;
+    v.s = noised.s;
+    (has_grad ? scratch_ : dropped).push_back(v);
   }
-  if (!gradients_usable(kept)) return -1;
   // Noised params that got no gradient take no part in this step: undo their noise now.
-  for (int64_t i : dropped) {
-    std::memcpy(params_[i].data_ptr(), saved_[i].data_ptr(), params_[i].nbytes());
-    bump_version(params_[i]);
+  for (const View& view : dropped) {
+    copy_back(view);
+    bump_version(params_[view.i]);
   }
   const NoiseKey key = noise_key(seed, step);
-
-  // Pass 1: (sum delta^2, sum g^2, sum delta*g) per tensor, delta regenerated from the saved weights.
-  double noise_sq = 0, grad_sq = 0, lam_dot = 0, lam_sq_grad_sq = 0;
-  for (int64_t i : kept) {
-    const at::Tensor& s = saved_[i];
-    const at::Tensor& g = params_[i].grad();
-    const FilterShape shape = filter_shape(s);
-    const double gamma = gammas[group_of_[i]], lam = lams[group_of_[i]];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "rsam_first_step", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const scalar_t* sd = s.data_ptr<scalar_t>();
-      const scalar_t* gd = g.data_ptr<scalar_t>();
-      const double* norms = norms_[i].data();
-      auto sum = chunked_sum<acc_t, 3>(s.numel(), [&](int64_t b, int64_t e, std::array<acc_t, 3>& acc) {
-        noise_batches<acc_t>(b, e, key, static_cast<uint32_t>(i), shape, norms, gamma, sd,
-                             [&](int64_t base, int64_t n, const float* z, const acc_t* sigma) {
-                               const scalar_t* gb = gd + base;
-                               lane_sums<acc_t, 3>(0, n, acc, [&](int64_t k) {
-                                 const acc_t delta = sigma[k] * z[k];
-                                 const acc_t gk = static_cast<acc_t>(gb[k]);
-                                 return std::array<acc_t, 3>{delta * delta, gk * gk, delta * gk};
-                               });
-                             });
-      });
-      noise_sq += static_cast<double>(sum[0]);
-      grad_sq += static_cast<double>(sum[1]);
-      lam_dot += lam * static_cast<double>(sum[2]);
-      lam_sq_grad_sq += lam * lam * static_cast<double>(sum[1]);
+  double noise_sq = 0, grad_sq = 0, lam_dot = 0, lam_sq_grad_sq = 0;  // pass 1, in a fixed order
+  for (const View& view : scratch_) {
+    dispatch(view.dtype, [&](auto tag) {
+      const auto sums = rsam_sums<decltype(tag)>(view, gammas[view.group], key, norms_[view.i].data());
+      const double lam = lams[view.group];
+      noise_sq += sums[0];
+      grad_sq += sums[1];
+      lam_dot += lam * sums[2];
+      lam_sq_grad_sq += lam * lam * sums[1];
     });
   }
   // eps = a * delta + b * g = rho * d / (||d|| + 1e-12), d = delta/||delta|| + lam * g/||g|| (docs/DESIGN.md §2).
@@ -363,54 +447,31 @@ int64_t StepPlan::rsam_first_step(const std::vector<double>& rhos, const std::ve
   const double inv_d = 1.0 / (std::sqrt(std::max(d_sq, 0.0)) + kNormGuard);
   const double noise_unit = skipped ? 0.0 : inv_noise * inv_d;
   const double grad_unit = skipped ? 0.0 : inv_grad * inv_d;
-
-  // Pass 2: w <- saved + a * delta + b * g.
-  for (int64_t i : kept) {
-    const at::Tensor& w = params_[i];
-    const at::Tensor& s = saved_[i];
-    const at::Tensor& g = w.grad();
-    const FilterShape shape = filter_shape(s);
-    const double gamma = gammas[group_of_[i]], rho = rhos[group_of_[i]], lam = lams[group_of_[i]];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "rsam_first_step", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      scalar_t* wd = w.data_ptr<scalar_t>();
-      const scalar_t* sd = s.data_ptr<scalar_t>();
-      const scalar_t* gd = g.data_ptr<scalar_t>();
-      const double* norms = norms_[i].data();
-      const acc_t a = static_cast<acc_t>(rho * noise_unit), bcoef = static_cast<acc_t>(rho * lam * grad_unit);
-      at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        noise_batches<acc_t>(begin, end, key, static_cast<uint32_t>(i), shape, norms, gamma, sd,
-                             [&](int64_t base, int64_t n, const float* z, const acc_t* sigma) {
-                               scalar_t* x = wd + base;
-                               const scalar_t* sb = sd + base;
-                               const scalar_t* gb = gd + base;
-                               for (int64_t k = 0; k < n; ++k) {
-                                 const acc_t eps = a * sigma[k] * z[k] + bcoef * static_cast<acc_t>(gb[k]);
-                                 x[k] = static_cast<scalar_t>(static_cast<acc_t>(sb[k]) + sam::finite_or_zero(eps));
-                               }
-                             });
-      });
+  for (const View& view : scratch_) {  // pass 2: w <- saved + a * delta + b * g
+    const double rho = rhos[view.group], lam = lams[view.group];
+    dispatch(view.dtype, [&](auto tag) {
+      rsam_mix<decltype(tag)>(view, gammas[view.group], rho * noise_unit, rho * lam * grad_unit, key,
+                              norms_[view.i].data());
     });
-    bump_version(w);
+    bump_version(params_[view.i]);
   }
   record_skip(skipped);
-  active_ = std::move(kept);
-  return static_cast<int64_t>(active_.size());
+  std::swap(views_, scratch_);
+  return static_cast<int64_t>(views_.size());
 }
 
 int64_t StepPlan::restore() {
-  for (int64_t i : active_)
-    if (!usable_weight(params_[i]) || !matches(saved_[i], params_[i])) return -1;
-  for (int64_t i : active_) {
-    const at::Tensor& w = params_[i];
-    char* dst = static_cast<char*>(w.data_ptr());
-    const char* src = static_cast<const char*>(saved_[i].data_ptr());
-    const int64_t bytes = static_cast<int64_t>(w.nbytes());
-    at::parallel_for(0, bytes, kGrain * 4, [&](int64_t b, int64_t e) { std::memcpy(dst + b, src + b, e - b); });
-    bump_version(w);
+  for (const View& view : views_) {
+    const at::Tensor& w = params_[view.i];
+    // Still the storage, dtype and shape that was saved: else the caller converts or refuses.
+    if (!usable_weight(w) || w.data_ptr() != view.w || !matches(saved_[view.i], w)) return -1;
   }
-  const int64_t count = static_cast<int64_t>(active_.size());
-  active_.clear();
+  for (const View& view : views_) {
+    copy_back(view);
+    bump_version(params_[view.i]);
+  }
+  const int64_t count = static_cast<int64_t>(views_.size());
+  views_.clear();
   return count;
 }
 

@@ -38,15 +38,25 @@ class StepPlan {
   // dtype, shape or layout since (the caller converts or refuses).
   int64_t restore();
 
-  std::vector<int64_t> active() const { return active_; }  // positions the last phase moved
-  void clear_active() { active_.clear(); }
+  std::vector<int64_t> active() const;  // positions the last phase moved
+  void clear_active() { views_.clear(); }
   at::Tensor saved(int64_t i) const;  // undefined until a phase needed it
   void set_saved(int64_t i, const at::Tensor& buffer);
   int64_t size() const { return static_cast<int64_t>(params_.size()); }
 
+  // What a pass needs of one param, read once per phase: raw addresses, sizes, dtype, group.
+  struct View {
+    int64_t i;
+    void* w;
+    const void* g;
+    void* s;
+    int64_t numel, rows, fsize;  // rows/fsize: filters of an ndim >= 2 tensor; 0 for ndim <= 1
+    at::ScalarType dtype;
+    int64_t group;
+  };
+
  private:
-  bool ensure_saved(const std::vector<int64_t>& positions);
-  bool gradients_usable(const std::vector<int64_t>& positions) const;
+  bool view_of(int64_t i, bool with_grad, View& view);
   void record_skip(bool skipped);
 
   std::vector<at::Tensor> params_;
@@ -54,7 +64,8 @@ class StepPlan {
   int64_t num_groups_;
   std::vector<at::Tensor> saved_;
   std::vector<std::vector<double>> norms_;  // per-filter norms of the last pass that computed them
-  std::vector<int64_t> active_;
+  std::vector<View> views_;                 // the params the last phase moved
+  std::vector<View> scratch_;
   at::Tensor skip_flag_, skip_count_;
 };
 
