@@ -70,11 +70,11 @@ def _extension_setup() -> dict:
             "sam_kernels._C",
             HOST_SOURCES + CUDA_SOURCES,
             define_macros=[("SAM_WITH_CUDA", None)],
-            extra_compile_args={"cxx": ["-O3", "-fno-math-errno", *openmp], "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": ["-O3", "-fno-math-errno", "-ffp-contract=off", *openmp], "nvcc": ["-O3"]},
             **common,
         )
     else:
-        extension = CppExtension("sam_kernels._C", HOST_SOURCES, extra_compile_args=["-O3", "-fno-math-errno", *openmp], **common)
+        extension = CppExtension("sam_kernels._C", HOST_SOURCES, extra_compile_args=["-O3", "-fno-math-errno", "-ffp-contract=off", *openmp], **common)
     return {"ext_modules": [extension], "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}
 
 

@@ -2,7 +2,7 @@
 #include "noise_batch.h"
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-#define SAM_NOISE_CLONES __attribute__((target_clones("avx2", "default")))
+#define SAM_NOISE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define SAM_NOISE_CLONES
 #endif
@@ -17,37 +17,39 @@ SAM_NOISE_CLONES void standard_normals(float* out, int64_t e0, int64_t n, uint32
   const uint64_t first = static_cast<uint64_t>(e0) >> 2;
   const int blocks = static_cast<int>(((static_cast<uint64_t>(e0 + n - 1)) >> 2) - first + 1);
   // Stage 1: Philox4x32-10 of every block, round by round over the whole batch (one SIMD lane a block).
-  uint32_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
+  // The words live in 64-bit lanes (upper half zero): the 32x32->64 products are then single vector
+  // multiplies (pmuludq) with no shuffles to split high and low halves.
+  uint64_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
   for (int b = 0; b < blocks; ++b) {
     const uint64_t block = first + static_cast<uint64_t>(b);
-    c0[b] = static_cast<uint32_t>(block);
-    c1[b] = static_cast<uint32_t>(block >> 32);
+    c0[b] = block & 0xFFFFFFFFu;
+    c1[b] = block >> 32;
     c2[b] = j;
     c3[b] = step;
   }
-  uint32_t key0 = k0, key1 = k1;
+  uint64_t key0 = k0, key1 = k1;
   for (int round = 0; round < 10; ++round) {
     for (int b = 0; b < blocks; ++b) {
       const uint64_t p0 = static_cast<uint64_t>(sam::kPhiloxM0) * c0[b];
       const uint64_t p1 = static_cast<uint64_t>(sam::kPhiloxM1) * c2[b];
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[b] ^ key0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[b] ^ key1;
-      c1[b] = static_cast<uint32_t>(p1);
-      c3[b] = static_cast<uint32_t>(p0);
+      const uint64_t n0 = (p1 >> 32) ^ c1[b] ^ key0;
+      const uint64_t n2 = (p0 >> 32) ^ c3[b] ^ key1;
+      c1[b] = p1 & 0xFFFFFFFFu;
+      c3[b] = p0 & 0xFFFFFFFFu;
       c0[b] = n0;
       c2[b] = n2;
     }
-    key0 += sam::kPhiloxW0;
-    key1 += sam::kPhiloxW1;
+    key0 = (key0 + sam::kPhiloxW0) & 0xFFFFFFFFu;
+    key1 = (key1 + sam::kPhiloxW1) & 0xFFFFFFFFu;
   }
   // Stage 2: Box-Muller on (u0, u1) and (u2, u3) of each block.
   float z[kBlocks * 4];
   for (int b = 0; b < blocks; ++b) {
-    const float ra = std::sqrt(-2.0f * detail::log_unit(sam::unit_float(c0[b])));
-    const float rb = std::sqrt(-2.0f * detail::log_unit(sam::unit_float(c2[b])));
+    const float ra = std::sqrt(-2.0f * detail::log_unit(sam::unit_float(static_cast<uint32_t>(c0[b]))));
+    const float rb = std::sqrt(-2.0f * detail::log_unit(sam::unit_float(static_cast<uint32_t>(c2[b]))));
     float sa, ca, sb, cb;
-    detail::sincos_turn(sam::kTwoPi * sam::unit_float(c1[b]), sa, ca);
-    detail::sincos_turn(sam::kTwoPi * sam::unit_float(c3[b]), sb, cb);
+    detail::sincos_turn(sam::kTwoPi * sam::unit_float(static_cast<uint32_t>(c1[b])), sa, ca);
+    detail::sincos_turn(sam::kTwoPi * sam::unit_float(static_cast<uint32_t>(c3[b])), sb, cb);
     z[4 * b + 0] = ra * ca;
     z[4 * b + 1] = ra * sa;
     z[4 * b + 2] = rb * cb;

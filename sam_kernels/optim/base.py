@@ -14,6 +14,7 @@ is in :mod:`sam_kernels.functional`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -224,10 +225,19 @@ class SharpnessAwareOptimizer(Optimizer):
         except (RuntimeError, ValueError):
             return None  # the functional layer raises the error when a step runs
 
+    def _check_groups(self) -> None:
+        """Every group has valid values of this optimizer's hyperparameters (they may have changed since)."""
+        for group in self.param_groups:
+            for key in self._own_defaults:
+                value = group.get(key)
+                # Fast path: a finite float >= 0 (NaN fails the comparison); anything else gets the full check.
+                if type(value) is not float or not 0.0 <= value < math.inf:
+                    self._fill_and_check_group(group)
+                    break
+
     def _begin(self) -> StepPlan:
         """Start a step: check the groups' hyperparameters, fix the plan this step uses."""
-        for group in self.param_groups:
-            self._fill_and_check_group(group)
+        self._check_groups()
         self._step_plan = self._plan()
         return self._step_plan
 
@@ -328,7 +338,6 @@ class SharpnessAwareOptimizer(Optimizer):
         return self._backend
 
     @torch.compiler.disable
-    @torch.no_grad()
     def restore(self) -> None:
         """Put back the saved weights (undo noise_step()/first_step()) without a base step."""
         if self._phase != "idle":
@@ -346,6 +355,7 @@ class SharpnessAwareOptimizer(Optimizer):
                 self._phase = "idle"
                 self._path = "generic"
 
+    @torch.no_grad()
     def _restore_generic(self, selection: ParamSelection) -> None:
         """w ← saved. A weight whose dtype or device changed mid-step gets its saved values converted; one
         whose shape changed cannot be put back: the others are restored, then that one is named in an error."""

@@ -75,7 +75,6 @@ class RSAM(SharpnessAwareOptimizer):
         }
 
     @torch.compiler.disable
-    @torch.no_grad()
     def noise_step(self) -> None:
         """Before the first forward: save w and move every trainable param to ŵ = w + δ₀."""
         self._expect("idle", "noise_step()", "call second_step() to finish the previous step, or restore()")
@@ -83,22 +82,24 @@ class RSAM(SharpnessAwareOptimizer):
         if plan.native is not None and plan.native.add_noise(self._group_values("gamma"), self._seed, self._step) >= 0:
             self._path = "native"
         else:
-            selection = self._select(plan, needs_grad=False)
-            F.add_noise_(selection.tensors, self._saved_of(selection, allocate=True), **self._stream(selection))
-            self._perturbed = selection
-            self._path = "generic"
+            self._generic_noise_step(plan)
         self._phase = "noised"
+
+    @torch.no_grad()
+    def _generic_noise_step(self, plan) -> None:
+        selection = self._select(plan, needs_grad=False)
+        F.add_noise_(selection.tensors, self._saved_of(selection, allocate=True), **self._stream(selection))
+        self._perturbed = selection
+        self._path = "generic"
 
     def _before_first_forward(self) -> None:
         self.noise_step()
 
     @torch.compiler.disable
-    @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """After the backward at ŵ: move to w_saved + ε, ε = ρ·d/‖d‖, d = δ₀/‖δ₀‖ + λ·g/‖g‖."""
         self._expect("noised", "first_step()", "call noise_step() before the first forward pass")
-        for group in self.param_groups:
-            self._fill_and_check_group(group)
+        self._check_groups()
         plan = self._step_plan
         if self._path == "native":
             values = self._group_values
@@ -116,6 +117,7 @@ class RSAM(SharpnessAwareOptimizer):
         if zero_grad:
             self.zero_grad()
 
+    @torch.no_grad()
     def _generic_first_step(self, plan) -> None:
         noised = self._perturbed
         self._check_unchanged(noised)

@@ -54,7 +54,6 @@ class SAM(SharpnessAwareOptimizer):
         return [0.0] * len(self.param_groups)
 
     @torch.compiler.disable
-    @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Save w and move to w + ε, ε computed from the gradients now in ``.grad``."""
         self._expect("idle", "first_step()", "call second_step() to finish the previous step, or restore()")
@@ -69,6 +68,7 @@ class SAM(SharpnessAwareOptimizer):
         if zero_grad:
             self.zero_grad()
 
+    @torch.no_grad()
     def _generic_first_step(self, plan) -> None:
         selection = self._select(plan, needs_grad=True)
         saved = self._saved_of(selection, allocate=True)
