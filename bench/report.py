@@ -31,7 +31,7 @@ from harness import (  # noqa: E402
 from models import ResNet50, ViTB16  # noqa: E402
 from workloads import WORKLOADS, make_params_and_grads, numel  # noqa: E402
 
-PEERS = {"sam": False, "asam-element": True}  # pytorch-optimizer SAM(adaptive=...) counterpart
+PEERS = {"sam": False, "asam-element-p2": True}  # pytorch-optimizer SAM(adaptive=...) counterpart
 
 
 def _backends(device: torch.device) -> list[str]:
@@ -131,7 +131,7 @@ def markdown(env: dict, rows: list[dict], e2e: list[dict]) -> str:
         f"- measured copy bandwidth: {env['bandwidth'] / 1e9:.1f} GB/s (bytes read + written)", "",
         "Optimizer-side time = (first_step + second_step [+ noise_step]) − the base SGD step alone;",
         "× floor = that time over the byte floor (bytes per element × elements / copy bandwidth):",
-        "SAM 7, ASAM element 8, ASAM filter 9, R-SAM 11 element-sizes per parameter (DESIGN.md §4;",
+        "SAM 7, ASAM element 8, ASAM filter 8, R-SAM 10 element-sizes per parameter (docs/DESIGN.md §6;",
         "28 B/param for SAM in fp32). Speed-up is over pytorch-optimizer's SAM on the same variant.", "",
     ]
     for workload in dict.fromkeys(r["workload"] for r in rows):

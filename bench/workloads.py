@@ -1,7 +1,7 @@
 """Real models' parameter lists for benchmarks, built in code (no downloads), random and never zero.
 
 Exact shapes: ResNet-50 (161 tensors, 25.6 M), ViT-B/16 (152 tensors, 86.6 M),
-GPT-2 medium (290 tensors, 355 M; the LM head is tied to the embedding).
+GPT-2 medium (292 tensors, 355 M; the LM head is tied to the embedding).
 ``scale`` < 1 shrinks every width for CPU smoke runs while keeping the tensor
 count and structure.
 """

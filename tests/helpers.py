@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 import sam_kernels
+import sam_kernels.variants
 
-# (optimizer class, constructor kwargs, id): every optimizer and variant.
-VARIANTS = [
-    (sam_kernels.SAM, {"rho": 0.05}, "sam"),
-    (sam_kernels.ASAM, {"rho": 0.5, "eta": 0.01, "p": 2, "granularity": "element"}, "asam-element-p2"),
-    (sam_kernels.ASAM, {"rho": 0.5, "eta": 0.01, "p": 2, "granularity": "filter"}, "asam-filter-p2"),
-    (sam_kernels.ASAM, {"rho": 0.05, "eta": 0.01, "p": math.inf, "granularity": "element"}, "asam-element-pinf"),
-    (sam_kernels.ASAM, {"rho": 0.05, "eta": 0.01, "p": math.inf, "granularity": "filter"}, "asam-filter-pinf"),
-    (sam_kernels.RSAM, {"rho": 0.05, "gamma": 0.1, "lam": 1.0}, "rsam"),
-    (sam_kernels.RSAM, {"rho": 0.05, "gamma": 0.3, "lam": 0.5}, "rsam-lam0.5"),
-]
+# (optimizer class, constructor kwargs, id): every optimizer and variant (sam_kernels/variants.py).
+VARIANTS = [(cls, kwargs, name) for name, (cls, kwargs) in sam_kernels.variants.VARIANTS.items()]
 VARIANT_IDS = [v[2] for v in VARIANTS]
 
 def _usable(name: str) -> bool:

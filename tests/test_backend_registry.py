@@ -106,3 +106,35 @@ def test_short_per_tensor_lists_are_refused_on_every_backend(backend):
         with pytest.raises(ValueError, match=message):
             run()
         assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_buffers_not_matching_their_weight_are_refused_before_any_write(backend):
+    params = [torch.randn(4, 3), torch.randn(10)]
+    before = [p.clone() for p in params]
+    grads = [torch.randn(4, 3), torch.randn(5)]  # fewer elements than the weight
+    saved = [torch.empty(4, 3), torch.empty(10)]
+    scales = [torch.tensor(0.1)] * 2
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(5,\).*params\[1\] has shape \(10,\)"):
+        F.perturb_(params, grads, saved, scales, backend=backend)
+    with pytest.raises(ValueError, match=r"saved\[0\] has shape \(5,\)"):
+        F.restore_(params, [torch.randn(5), torch.randn(10)], backend=backend)
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape \(5,\)"):
+        F.scaled_grad_sq_sum(params, grads, backend=backend)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_writes_bump_the_version_counters(backend):
+    params = [torch.randn(4, 3), torch.randn(10)]
+    grads = [torch.randn_like(p) for p in params]
+    saved = [torch.empty_like(p) for p in params]
+    versions = [p._version for p in params]
+    F.perturb_(params, grads, saved, [torch.tensor(0.1)] * 2, backend=backend)
+    assert all(p._version > v for p, v in zip(params, versions))
+    versions = [p._version for p in params]
+    F.restore_(params, saved, backend=backend)
+    assert all(p._version > v for p, v in zip(params, versions))
+    versions = [p._version for p in params]
+    F.add_noise_(params, saved, gammas=0.1, seed=3, tensor_indices=[0, 1], step=0, backend=backend)
+    assert all(p._version > v for p, v in zip(params, versions))

@@ -103,3 +103,19 @@ def test_two_identical_steps_are_bit_identical(backend, cls):
         runs.append([p.detach().clone() for p in params])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_kernels_run_on_the_tensors_device_not_the_current_one(backend):
+    params = _model_params(device="cuda:1")
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for r, p in zip(reference, params):
+        r.grad = p.grad.clone()
+    with torch.cuda.device(0):
+        opt = sam_kernels.SAM(params, torch.optim.SGD, lr=0.0, backend=backend)
+        opt.first_step()
+    ref = sam_kernels.SAM(reference, torch.optim.SGD, lr=0.0, backend="reference")
+    ref.first_step()
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)

@@ -33,6 +33,7 @@ class Operation:
     device_scalars: tuple[str, ...] = ()
     options: tuple[str, ...] = ()  # whole-call options (ASAM's adaptive mode and p)
     noise: bool = False  # takes the R-SAM noise stream's seed and step
+    writes: tuple[str, ...] = ()  # tensor lists written in place
     returns: str = "nothing"  # "nothing" (in place), "sum" (a 0-d tensor), "sums4", "per tensor"
     doc: str = ""
 
@@ -45,14 +46,16 @@ OPERATIONS: dict[str, Operation] = {
         Operation("scaled_grad_sq_sum", ("params", "grads"), ("etas",), options=("adaptive",), returns="sum",
                   doc="Σ (t ⊙ g)² over every tensor"),
         Operation("perturb_", ("params", "grads", "saved"), ("etas",), device_scalars=("scales",), options=("adaptive", "p"),
+                  writes=("params", "saved"),
                   doc="saved ← w; w ← w + s·t²⊙g (p = 2) or s·t⊙sign(g) (p = ∞)"),
-        Operation("restore_", ("params", "saved"), doc="w ← saved, bit-exactly"),
+        Operation("restore_", ("params", "saved"), writes=("params",), doc="w ← saved, bit-exactly"),
         Operation("add_noise_", ("params", "saved"), ("gammas",), ("tensor_indices", "element_offsets"),
-                  noise=True, doc="saved ← w; w ← w + δ₀"),
+                  noise=True, writes=("params", "saved"), doc="saved ← w; w ← w + δ₀"),
         Operation("noise_grad_sums", ("grads", "saved"), ("gammas", "lams"), ("tensor_indices", "element_offsets"),
                   noise=True, returns="sums4", doc="(Σδ₀², Σg², Σλδ₀·g, Σλ²g²)"),
         Operation("mix_perturb_", ("params", "grads", "saved"), ("gammas",), ("tensor_indices", "element_offsets"),
-                  device_scalars=("noise_coefs", "grad_coefs"), noise=True, doc="w ← saved + a·δ₀ + b·g"),
+                  device_scalars=("noise_coefs", "grad_coefs"), noise=True, writes=("params",),
+                  doc="w ← saved + a·δ₀ + b·g"),
     ]
 }
 
@@ -76,6 +79,7 @@ def check_arguments(op: Operation, arguments: dict[str, Any]) -> tuple[int, dict
             raise ValueError(
                 f"{op.name}: {name} has {len(normalised[name])} tensors, {op.tensor_lists[0]} has {count}"
             )
+    _check_elementwise(op, normalised)
     for name in op.per_tensor_floats:
         value = arguments[name]
         if isinstance(value, (int, float)):
@@ -106,6 +110,25 @@ def check_arguments(op: Operation, arguments: dict[str, Any]) -> tuple[int, dict
     return count or 0, normalised
 
 
+def _check_elementwise(op: Operation, lists: dict[str, Any]) -> None:
+    """Every tensor at position k of the lists has the shape and device of the first list's (the weights')."""
+    first, *others = op.tensor_lists
+    for name in others:
+        for k, (weight, other) in enumerate(zip(lists[first], lists[name])):
+            if other.shape != weight.shape or other.device != weight.device:
+                raise ValueError(
+                    f"{op.name}: {name}[{k}] has shape {tuple(other.shape)} on {other.device}, "
+                    f"{first}[{k}] has shape {tuple(weight.shape)} on {weight.device}"
+                )
+
+
+def _bump_versions(tensors: list[Tensor]) -> None:
+    """Tell autograd the tensors were written in place (kernels writing through pointers do not)."""
+    tracked = [t for t in tensors if not t.is_inference()]
+    if tracked:
+        torch.autograd.graph.increment_version(tracked)
+
+
 def implementation(impl: Any, op: Operation, device: torch.device):
     """The function running ``op`` for ``impl``: its own, or the fallback backend's."""
     fn = getattr(impl, op.name, None)
@@ -133,7 +156,10 @@ def call(name: str, backend: str, arguments: dict[str, Any]):
     if op.noise:
         keywords["seed"], keywords["step"] = arguments["seed"], arguments["step"]
     keywords.update({k: arguments[k] for k in op.options})
-    return fn(*positional, **keywords)
+    result = fn(*positional, **keywords)
+    for name in op.writes:
+        _bump_versions(args[name])
+    return result
 
 
 def _empty_result(op: Operation, device: torch.device):

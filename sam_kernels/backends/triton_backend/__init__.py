@@ -13,6 +13,7 @@ import, CPU tensors run through Triton's interpreter (slow; for tests).
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -122,6 +123,20 @@ def _split(
     return buckets, fallback
 
 
+def _on_tensors_device(op):
+    """Run ``op`` with the tensors' CUDA device current: Triton launches on the current device."""
+
+    @functools.wraps(op)
+    def wrapper(first, *args, **kwargs):
+        device = first[0].device if first else None
+        if device is None or device.type != "cuda":
+            return op(first, *args, **kwargs)
+        with torch.cuda.device(device):
+            return op(first, *args, **kwargs)
+
+    return wrapper
+
+
 def _pick_offsets(element_offsets: Sequence[int] | None, positions: list[int]) -> list[int] | None:
     return None if element_offsets is None else _pick(element_offsets, positions)
 
@@ -131,6 +146,7 @@ def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return _foreach.filter_norms(tensors)
 
 
+@_on_tensors_device
 def scaled_grad_sq_sum(
     params: Sequence[Tensor], grads: Sequence[Tensor], *, etas: Sequence[float], adaptive: str | None
 ) -> Tensor:
@@ -152,6 +168,7 @@ def scaled_grad_sq_sum(
     return _sum(parts, (), params[0].device)
 
 
+@_on_tensors_device
 def perturb_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -179,6 +196,7 @@ def perturb_(
                           _pick(scales, fallback), etas=_pick(etas, fallback), adaptive=adaptive, p=p)
 
 
+@_on_tensors_device
 def restore_(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
     buckets, fallback = _split(params, [saved])
     for b in buckets:
@@ -194,6 +212,7 @@ def _noise_args(b: _Bucket, gammas, seed: int, tensor_indices, step: int) -> tup
     return (b.floats(gammas), b.ints(tensor_indices), seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF)
 
 
+@_on_tensors_device
 def add_noise_(
     params: Sequence[Tensor],
     saved: Sequence[Tensor],
@@ -220,6 +239,7 @@ def add_noise_(
                             element_offsets=_pick_offsets(element_offsets, fallback))
 
 
+@_on_tensors_device
 def noise_grad_sums(
     grads: Sequence[Tensor],
     saved: Sequence[Tensor],
@@ -253,6 +273,7 @@ def noise_grad_sums(
     return _sum(parts, (4,), saved[0].device)
 
 
+@_on_tensors_device
 def mix_perturb_(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
