@@ -1,7 +1,7 @@
 """Timing, memory and bandwidth measurements shared by the benchmark suite and the report.
 
 GPU times use CUDA events around each call, median of many runs after a
-warm-up; CPU times use perf_counter. The byte floor follows DESIGN.md §4.
+warm-up; CPU times use perf_counter. The byte floor follows docs/DESIGN.md §6.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 // Per-element math of sam_kernels, shared by the host (C++) and device (CUDA) builds.
-// It follows DESIGN.md §2 equation by equation; the Python reference backend is the oracle.
+// It follows docs/DESIGN.md §2 equation by equation; the Python reference backend is the oracle.
 #pragma once
 
 #include <cmath>

@@ -6,7 +6,7 @@ For a model and one batch, with BatchNorm in training mode:
 * vanilla SAM ascends along d = g(w): we report cos(d, g(w + ρ d/‖d‖)) and
   L(w + ρ d/‖d‖) − L(w) against ρ;
 * Gaussian-initialised (R-SAM) ascends along d = g(ŵ), ŵ = w + δ₀ with the
-  kernel-scaled noise of DESIGN.md (σ_i = γ‖w_i‖/√n_i), for several γ²,
+  kernel-scaled noise of docs/DESIGN.md §2 (σ_i = γ‖w_i‖/√n_i), for several γ²,
   averaged over noise draws.
 
 A cosine that collapses as ρ grows means the gradient at the perturbed point

@@ -3,7 +3,7 @@
     S(w)       = max_{‖ε‖_p ≤ ρ}        L(w + ε) − L(w)          (sharpness, t ≡ 1)
     S_adapt(w) = max_{‖t⁻¹ ⊙ ε‖_p ≤ ρ}  L(w + ε) − L(w)          (adaptive sharpness)
 
-with t = |w| + η (element-wise) or ‖f_i‖₂ + η (filter-wise), as DESIGN.md §2.
+with t = |w| + η (element-wise) or ‖f_i‖₂ + η (filter-wise), as docs/DESIGN.md §2.
 Writing ε = t ⊙ δ turns the constraint into ‖δ‖_p ≤ ρ, and the maximum is
 estimated by projected gradient ascent on δ: δ ← Π(δ + α · dir(t ⊙ ∇L(w + t ⊙ δ))),
 dir the normalised (p = 2) or sign (p = ∞) direction, Π the projection onto

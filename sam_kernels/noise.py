@@ -1,6 +1,6 @@
 """The R-SAM noise stream: Philox4x32-10 + Box–Muller, in torch integer arithmetic.
 
-This is the one definition of δ₀'s standard-normal part (DESIGN.md §2, "Noise
+This is the one definition of δ₀'s standard-normal part (docs/DESIGN.md §2, "Noise
 stream") that every backend must reproduce:
 
 * key ``(k0, k1) = (seed mod 2³², seed >> 32)``;

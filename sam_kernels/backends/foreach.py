@@ -7,7 +7,7 @@ tensor: per-filter norms (a reduction over dim ≥ 1), broadcasting a
 per-filter value over its filter, and zeroing non-finite ε elements. The R-SAM
 noise stream is generated for all tensors of a call in one batched pass.
 
-Arithmetic runs in float32 (float64 for float64 tensors), as DESIGN.md §2
+Arithmetic runs in float32 (float64 for float64 tensors), as docs/DESIGN.md §2
 asks: bfloat16/float16 inputs are upcast once per call (a per-tensor cast,
 the price of having no foreach cast), and the result is rounded once when it
 is added to the parameter.

@@ -1,4 +1,4 @@
-"""The reference backend: one tensor at a time, written to read like DESIGN.md §2.
+"""The reference backend: one tensor at a time, written to read like docs/DESIGN.md §2.
 
 This is the oracle that every other backend is tested against. It favours
 clarity over speed: every quantity is computed in the accumulation dtype
@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import noise
 
 NAME = "reference"
-NORM_GUARD = 1e-12  # ‖·‖ + 1e-12 guards a zero norm (DESIGN.md §2)
+NORM_GUARD = 1e-12  # ‖·‖ + 1e-12 guards a zero norm (docs/DESIGN.md §2)
 
 
 def available() -> tuple[bool, str]:

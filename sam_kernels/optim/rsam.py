@@ -16,7 +16,7 @@ from .base import ParamSelection, SharpnessAwareOptimizer
 class RSAM(SharpnessAwareOptimizer):
     r"""Random Sharpness-Aware Minimization.
 
-    One step (DESIGN.md §1–2):
+    One step (docs/DESIGN.md §1–2):
 
     1. :meth:`noise_step` (before the first forward): save w, set
        ŵ = w + δ₀ with δ₀ ~ N(0, σ_i² I), σ_i = γ · ‖w_i‖₂ / √n_i per filter i

@@ -1,4 +1,4 @@
-"""Triton kernels over tiled tensor lists (DESIGN.md §2–§4).
+"""Triton kernels over tiled tensor lists (docs/DESIGN.md §2–§3, §6).
 
 Every kernel takes a *tile table*: program ``i`` works on ``BLOCK`` elements
 of tensor ``tile_tensor[i]`` starting at element ``tile_start[i]`` (a multiple
