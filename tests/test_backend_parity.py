@@ -32,7 +32,7 @@ _REL = {torch.float64: 1e-12, torch.float32: 4e-6, torch.bfloat16: 2**-7, torch.
 
 def _noise_dtype(dtype):
     """R-SAM's δ₀ comes from a float32 stream whose log/cos/sin round differently per backend
-    (DESIGN.md §2): float64 runs compare at float32 precision."""
+    (docs/DESIGN.md §2): float64 runs compare at float32 precision."""
     return torch.float32 if dtype == torch.float64 else dtype
 
 

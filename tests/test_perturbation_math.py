@@ -1,4 +1,4 @@
-"""The perturbation ε of every optimizer obeys its defining constraint (DESIGN.md §1–2).
+"""The perturbation ε of every optimizer obeys its defining constraint (docs/DESIGN.md §1–2).
 
 The scale t is computed here independently of the library, from its definition.
 """
