@@ -10,9 +10,9 @@ operation a backend does not implement.
 
 A SAM/ASAM first step is::
 
-    sq = scaled_grad_sq_sum(params, grads, adaptive=..., etas=...)    # Σ (t⊙g)²
+    sq = scaled_grad_sq_sum(params, grads, granularity=..., etas=...)    # Σ (t⊙g)²
     scales, skipped = sam_scales(sq, rhos, p=...)                     # ρ/(‖t⊙g‖+1e-12)
-    perturb_(params, grads, saved, scales, adaptive=..., etas=..., p=...)
+    perturb_(params, grads, saved, scales, granularity=..., etas=..., p=...)
 
 and the second step ``restore_(params, saved)``. R-SAM's first step is
 ``add_noise_`` before the first forward, then ``noise_grad_sums`` →
@@ -67,12 +67,12 @@ def scaled_grad_sq_sum(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     *,
-    adaptive: str | None = None,
+    granularity: str | None = None,
     etas: FloatOrSeq = 0.01,
     backend: str = "auto",
 ) -> Tensor:
     """Σ over all tensors of (t ⊙ g)², t = 1 (SAM), |w| + η or ‖f_i‖ + η (ASAM)."""
-    return call("scaled_grad_sq_sum", backend, {"params": params, "grads": grads, "etas": etas, "adaptive": adaptive})
+    return call("scaled_grad_sq_sum", backend, {"params": params, "grads": grads, "etas": etas, "granularity": granularity})
 
 
 def _finite_inverse_norm(sq_sum: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,14 +101,14 @@ def perturb_(
     saved: Sequence[Tensor],
     scales: Sequence[Tensor],
     *,
-    adaptive: str | None = None,
+    granularity: str | None = None,
     etas: FloatOrSeq = 0.01,
     p: float = 2,
     backend: str = "auto",
 ) -> None:
     """saved ← w; w ← w + ε, ε = s · t² ⊙ g (p = 2) or s · t ⊙ sign(g) (p = ∞)."""
     call("perturb_", backend, {"params": params, "grads": grads, "saved": saved, "scales": scales, "etas": etas,
-                               "adaptive": adaptive, "p": p})
+                               "granularity": granularity, "p": p})
 
 
 def restore_(params: Sequence[Tensor], saved: Sequence[Tensor], *, backend: str = "auto") -> None:

@@ -101,12 +101,12 @@ _SUM_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, to
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("adaptive", [None, "element", "filter"])
-def test_scaled_grad_sq_sum_matches_reference(adaptive, dtype, backend):
+@pytest.mark.parametrize("granularity", [None, "element", "filter"])
+def test_scaled_grad_sq_sum_matches_reference(granularity, dtype, backend):
     params, grads = _random_lists(dtype)
     etas = [0.01 * (i + 1) for i in range(len(params))]
-    expected = F.scaled_grad_sq_sum(params, grads, adaptive=adaptive, etas=etas, backend="reference")
-    actual = F.scaled_grad_sq_sum(params, grads, adaptive=adaptive, etas=etas, backend=backend)
+    expected = F.scaled_grad_sq_sum(params, grads, granularity=granularity, etas=etas, backend="reference")
+    actual = F.scaled_grad_sq_sum(params, grads, granularity=granularity, etas=etas, backend=backend)
     assert float(expected) > 0
     torch.testing.assert_close(actual.double(), expected.double(), rtol=_SUM_RTOL[dtype], atol=0)
 

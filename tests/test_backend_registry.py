@@ -28,9 +28,9 @@ class PartialBackend:
         self.calls.append("restore_")
         reference.restore_(params, saved)
 
-    def scaled_grad_sq_sum(self, params, grads, *, etas, adaptive):
+    def scaled_grad_sq_sum(self, params, grads, *, etas, granularity):
         self.calls.append("scaled_grad_sq_sum")
-        return reference.scaled_grad_sq_sum(params, grads, etas=etas, adaptive=adaptive)
+        return reference.scaled_grad_sq_sum(params, grads, etas=etas, granularity=granularity)
 
 
 @pytest.fixture

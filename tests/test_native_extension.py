@@ -131,9 +131,9 @@ def test_cuda_handles_lists_longer_than_one_launch_and_unaligned_tensors():
     params += [torch.randn(64, 33, device="cuda") for _ in range(10)]
     grads = [torch.randn_like(p) for p in params]
     etas = [0.01] * len(params)
-    for adaptive in (None, "element", "filter"):
-        expected = F.scaled_grad_sq_sum(params, grads, etas=etas, adaptive=adaptive, backend="reference")
-        actual = F.scaled_grad_sq_sum(params, grads, etas=etas, adaptive=adaptive, backend="cuda")
+    for granularity in (None, "element", "filter"):
+        expected = F.scaled_grad_sq_sum(params, grads, etas=etas, granularity=granularity, backend="reference")
+        actual = F.scaled_grad_sq_sum(params, grads, etas=etas, granularity=granularity, backend="cuda")
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
 
 

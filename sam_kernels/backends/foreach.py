@@ -74,13 +74,13 @@ def _in_accumulation_dtype(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [x if x.dtype == accumulation_dtype(x.dtype) else x.float() for x in tensors]
 
 
-def _asam_scales(params: Sequence[Tensor], etas: Sequence[float], adaptive: str | None) -> list[Tensor]:
+def _asam_scales(params: Sequence[Tensor], etas: Sequence[float], granularity: str | None) -> list[Tensor]:
     """ASAM's t per tensor in the accumulation dtype (filter-wise: broadcast per tensor)."""
-    if adaptive == "element":
+    if granularity == "element":
         t = torch._foreach_abs(_in_accumulation_dtype(params))
         torch._foreach_add_(t, list(etas))
         return t
-    return [asam_scale(w, eta, adaptive) for w, eta in zip(params, etas)]
+    return [asam_scale(w, eta, granularity) for w, eta in zip(params, etas)]
 
 
 def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -88,11 +88,11 @@ def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def scaled_grad_sq_sum(
-    params: Sequence[Tensor], grads: Sequence[Tensor], *, etas: Sequence[float], adaptive: str | None
+    params: Sequence[Tensor], grads: Sequence[Tensor], *, etas: Sequence[float], granularity: str | None
 ) -> Tensor:
-    if adaptive is None:
+    if granularity is None:
         return _sum_of_squares(grads)
-    t = _asam_scales(params, etas, adaptive)
+    t = _asam_scales(params, etas, granularity)
     return _sum_of_squares(torch._foreach_mul(t, _in_accumulation_dtype(grads)))
 
 
@@ -103,12 +103,12 @@ def perturb_(
     scales: Sequence[Tensor],
     *,
     etas: Sequence[float],
-    adaptive: str | None,
+    granularity: str | None,
     p: float,
 ) -> None:
     params, grads, saved = list(params), list(grads), list(saved)
     torch._foreach_copy_(saved, params)
-    t = None if adaptive is None else _asam_scales(params, etas, adaptive)
+    t = None if granularity is None else _asam_scales(params, etas, granularity)
     grads = _in_accumulation_dtype(grads)
     direction = torch._foreach_sign(grads) if p != 2 else grads
     eps: list[Tensor] = [None] * len(params)  # type: ignore[list-item]

@@ -77,21 +77,21 @@ class NativeBackend:
                 out[i] = norm
         return out
 
-    def scaled_grad_sq_sum(self, params, grads, *, etas, adaptive):
-        total, skipped = self._ops.scaled_grad_sq_sum(params, grads, etas, _MODES[adaptive])
+    def scaled_grad_sq_sum(self, params, grads, *, etas, granularity):
+        total, skipped = self._ops.scaled_grad_sq_sum(params, grads, etas, _MODES[granularity])
         parts = [] if total is None else [total]
         if skipped:
             _leftover(params, skipped)
             parts.append(_foreach.scaled_grad_sq_sum(_pick(params, skipped), _pick(grads, skipped),
-                                                     etas=_pick(etas, skipped), adaptive=adaptive))
+                                                     etas=_pick(etas, skipped), granularity=granularity))
         return _sum(parts, (), params[0].device)
 
-    def perturb_(self, params, grads, saved, scales, *, etas, adaptive, p):
-        skipped = self._ops.perturb_(params, grads, saved, scales, etas, _MODES[adaptive], p != 2)
+    def perturb_(self, params, grads, saved, scales, *, etas, granularity, p):
+        skipped = self._ops.perturb_(params, grads, saved, scales, etas, _MODES[granularity], p != 2)
         if skipped:
             _leftover(params, skipped)
             _foreach.perturb_(_pick(params, skipped), _pick(grads, skipped), _pick(saved, skipped),
-                              _pick(scales, skipped), etas=_pick(etas, skipped), adaptive=adaptive, p=p)
+                              _pick(scales, skipped), etas=_pick(etas, skipped), granularity=granularity, p=p)
 
     def restore_(self, params, saved):
         skipped = self._ops.restore_(params, saved)

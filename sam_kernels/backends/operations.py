@@ -31,7 +31,7 @@ class Operation:
     per_tensor_floats: tuple[str, ...] = ()
     per_tensor_ints: tuple[str, ...] = ()  # optional ones may be None
     device_scalars: tuple[str, ...] = ()
-    options: tuple[str, ...] = ()  # whole-call options (ASAM's adaptive mode and p)
+    options: tuple[str, ...] = ()  # whole-call options (ASAM's granularity and p)
     noise: bool = False  # takes the R-SAM noise stream's seed and step
     writes: tuple[str, ...] = ()  # tensor lists written in place
     returns: str = "nothing"  # "nothing" (in place), "sum" (a 0-d tensor), "sums4", "per tensor"
@@ -43,9 +43,9 @@ OPERATIONS: dict[str, Operation] = {
     for op in [
         Operation("filter_norms", ("tensors",), returns="per tensor",
                   doc="‖f_i‖₂ per filter of each tensor with ndim ≥ 2, |w| for ndim ≤ 1"),
-        Operation("scaled_grad_sq_sum", ("params", "grads"), ("etas",), options=("adaptive",), returns="sum",
+        Operation("scaled_grad_sq_sum", ("params", "grads"), ("etas",), options=("granularity",), returns="sum",
                   doc="Σ (t ⊙ g)² over every tensor"),
-        Operation("perturb_", ("params", "grads", "saved"), ("etas",), device_scalars=("scales",), options=("adaptive", "p"),
+        Operation("perturb_", ("params", "grads", "saved"), ("etas",), device_scalars=("scales",), options=("granularity", "p"),
                   writes=("params", "saved"),
                   doc="saved ← w; w ← w + s·t²⊙g (p = 2) or s·t⊙sign(g) (p = ∞)"),
         Operation("restore_", ("params", "saved"), writes=("params",), doc="w ← saved, bit-exactly"),

@@ -56,16 +56,16 @@ def _broadcast_per_filter(per_filter: Tensor, like: Tensor) -> Tensor:
     return per_filter.reshape((-1,) + (1,) * (like.dim() - 1)).expand_as(like)
 
 
-def asam_scale(w: Tensor, eta: float, adaptive: str | None) -> Tensor:
+def asam_scale(w: Tensor, eta: float, granularity: str | None) -> Tensor:
     """ASAM's t: 1 (SAM), |w| + η (element-wise) or ‖f_i‖₂ + η (filter-wise, ndim ≥ 2)."""
     w = _acc(w)
-    if adaptive is None:
+    if granularity is None:
         return torch.ones_like(w)
-    if adaptive == "element" or w.dim() <= 1:
+    if granularity == "element" or w.dim() <= 1:
         return w.abs() + eta
-    if adaptive == "filter":
+    if granularity == "filter":
         return _broadcast_per_filter(filter_norm(w), w) + eta
-    raise ValueError(f"adaptive must be None, 'element' or 'filter', got {adaptive!r}")
+    raise ValueError(f"granularity must be None, 'element' or 'filter', got {granularity!r}")
 
 
 def noise_std(w_saved: Tensor, gamma: float) -> Tensor:
@@ -99,12 +99,12 @@ def _zero_non_finite(eps: Tensor) -> Tensor:
 
 
 def scaled_grad_sq_sum(
-    params: Sequence[Tensor], grads: Sequence[Tensor], *, etas: Sequence[float], adaptive: str | None
+    params: Sequence[Tensor], grads: Sequence[Tensor], *, etas: Sequence[float], granularity: str | None
 ) -> Tensor:
     """Σ over all tensors of Σ_k (t_k · g_k)²."""
     total = None
     for w, g, eta in zip(params, grads, etas):
-        t = asam_scale(w, eta, adaptive)
+        t = asam_scale(w, eta, granularity)
         term = ((t * _acc(g)) ** 2).sum()
         total = term if total is None else _add_promoting(total, term)
     return total if total is not None else torch.zeros((), dtype=torch.float32)
@@ -122,13 +122,13 @@ def perturb_(
     scales: Sequence[Tensor],
     *,
     etas: Sequence[float],
-    adaptive: str | None,
+    granularity: str | None,
     p: float,
 ) -> None:
     """saved ← w; w ← w + ε, ε = s·t²⊙g (p = 2) or ε = s·t⊙sign(g) (p = ∞)."""
     for w, g, w_saved, scale, eta in zip(params, grads, saved, scales, etas):
         w_saved.copy_(w)
-        t = asam_scale(w, eta, adaptive)
+        t = asam_scale(w, eta, granularity)
         g = _acc(g)
         scale = scale.to(g.dtype)
         if p == 2:

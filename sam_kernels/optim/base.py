@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import functional as F
-from ..amp import scaler_step
+from .amp import scaler_step
 from ..backends import resolve_backend
 from .plan import StepPlan, structure_key
 from .sharding import all_reduce_sum_, is_sharded, local, shard_of
@@ -394,6 +394,7 @@ class SharpnessAwareOptimizer(Optimizer):
         """
         self._expect("perturbed", "second_step()", "call first_step() after the first backward pass")
         self.restore()
+        self._before_base_step()
         if scaler is None:
             self.base_optimizer.step()
         else:
@@ -402,6 +403,10 @@ class SharpnessAwareOptimizer(Optimizer):
         self._after_second_step()
         if zero_grad:
             self.zero_grad()
+
+    def _before_base_step(self) -> None:
+        """Hook: the weights are restored and ``.grad`` holds g_sam; the base step comes next
+        (a variant that changes the update direction, e.g. GSAM's decomposition, does it here)."""
 
     def _after_second_step(self) -> None:
         pass

@@ -148,23 +148,23 @@ def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 @_on_tensors_device
 def scaled_grad_sq_sum(
-    params: Sequence[Tensor], grads: Sequence[Tensor], *, etas: Sequence[float], adaptive: str | None
+    params: Sequence[Tensor], grads: Sequence[Tensor], *, etas: Sequence[float], granularity: str | None
 ) -> Tensor:
     buckets, fallback = _split(params, [grads])
     parts = []
     for b in buckets:
         weights, bucket_grads = b.take(params), b.take(grads)
-        fnorms = b.filter_norms(weights) if adaptive == "filter" else weights[0]
+        fnorms = b.filter_norms(weights) if granularity == "filter" else weights[0]
         partials = torch.empty(b.layout.num_tiles, dtype=b.acc, device=b.device)
         K.scaled_grad_sq_sum_kernel[(b.layout.num_tiles,)](
             b.layout.tile_tensor, b.layout.tile_start, L.pointers(weights), L.pointers(bucket_grads),
             b.layout.numels, b.floats(etas), b.layout.fsizes, b.layout.fnorm_offs, fnorms, partials,
-            G_DTYPE=_TL_DTYPES[b.g_dtype], MODE=_MODES[adaptive], BLOCK=BLOCK, num_warps=NUM_WARPS, **b.dtypes(),
+            G_DTYPE=_TL_DTYPES[b.g_dtype], MODE=_MODES[granularity], BLOCK=BLOCK, num_warps=NUM_WARPS, **b.dtypes(),
         )
         parts.append(partials.sum())
     if fallback:
         parts.append(_foreach.scaled_grad_sq_sum(
-            _pick(params, fallback), _pick(grads, fallback), etas=_pick(etas, fallback), adaptive=adaptive))
+            _pick(params, fallback), _pick(grads, fallback), etas=_pick(etas, fallback), granularity=granularity))
     return _sum(parts, (), params[0].device)
 
 
@@ -176,24 +176,24 @@ def perturb_(
     scales: Sequence[Tensor],
     *,
     etas: Sequence[float],
-    adaptive: str | None,
+    granularity: str | None,
     p: float,
 ) -> None:
     buckets, fallback = _split(params, [grads, saved])
     for b in buckets:
         weights = b.take(params)
-        fnorms = b.filter_norms(weights) if adaptive == "filter" else weights[0]
+        fnorms = b.filter_norms(weights) if granularity == "filter" else weights[0]
         (unique,), slots = L.shared_slots(b.take(scales))
         K.perturb_kernel[(b.layout.num_tiles,)](
             b.layout.tile_tensor, b.layout.tile_start, L.pointers(weights), L.pointers(b.take(grads)),
             L.pointers(b.take(saved)), b.layout.numels, b.floats(etas), b.layout.fsizes, b.layout.fnorm_offs,
             fnorms, L.ints(slots, b.device, torch.int32), torch.stack(unique).to(b.acc),
-            G_DTYPE=_TL_DTYPES[b.g_dtype], MODE=_MODES[adaptive], P_INF=p != 2, BLOCK=BLOCK,
+            G_DTYPE=_TL_DTYPES[b.g_dtype], MODE=_MODES[granularity], P_INF=p != 2, BLOCK=BLOCK,
             num_warps=NUM_WARPS, **b.dtypes(),
         )
     if fallback:
         _foreach.perturb_(_pick(params, fallback), _pick(grads, fallback), _pick(saved, fallback),
-                          _pick(scales, fallback), etas=_pick(etas, fallback), adaptive=adaptive, p=p)
+                          _pick(scales, fallback), etas=_pick(etas, fallback), granularity=granularity, p=p)
 
 
 @_on_tensors_device

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .optim.base import SharpnessAwareOptimizer
+    from .base import SharpnessAwareOptimizer
 
 
 def _stage_name(scaler, optimizer) -> str | None:
