@@ -31,6 +31,7 @@ from torch import Tensor
 
 from .backends import resolve_backend
 from .backends.operations import call
+from .noise import NoiseStream
 
 NORM_GUARD = 1e-12
 
@@ -44,6 +45,7 @@ __all__ = [
     "noise_grad_sums",
     "rsam_coefficients",
     "mix_perturb_",
+    "NoiseStream",
     "resolve",
 ]
 
@@ -121,20 +123,16 @@ def add_noise_(
     saved: Sequence[Tensor],
     *,
     gammas: FloatOrSeq,
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: NoiseStream,
     backend: str = "auto",
 ) -> None:
-    """saved ← w; w ← ŵ = w + δ₀, δ₀ ~ N(0, σ_i²), σ_i = γ‖w_i‖/√n_i (Philox stream).
+    """saved ← w; w ← ŵ = w + δ₀, δ₀ ~ N(0, σ_i²), σ_i = γ‖w_i‖/√n_i, z from ``stream``.
 
-    ``element_offsets`` (default all 0): global index of each tensor's first
-    element when the tensors are dim-0 shards (FSDP), so shards draw their
-    part of the whole tensor's noise.
+    ``stream.element_offsets`` (default all 0): global index of each tensor's
+    first element when the tensors are dim-0 shards (FSDP), so shards draw
+    their part of the whole tensor's noise.
     """
-    call("add_noise_", backend, {"params": params, "saved": saved, "gammas": gammas, "seed": seed,
-                                 "tensor_indices": tensor_indices, "step": step, "element_offsets": element_offsets})
+    call("add_noise_", backend, {"params": params, "saved": saved, "gammas": gammas, "stream": stream})
 
 
 def noise_grad_sums(
@@ -143,16 +141,12 @@ def noise_grad_sums(
     *,
     gammas: FloatOrSeq,
     lams: FloatOrSeq,
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: NoiseStream,
     backend: str = "auto",
 ) -> Tensor:
     """(Σ δ₀², Σ g², Σ λ δ₀·g, Σ λ² g²), δ₀ regenerated from the saved (pre-noise) weights."""
-    return call("noise_grad_sums", backend, {"grads": grads, "saved": saved, "gammas": gammas, "lams": lams,
-                                             "seed": seed, "tensor_indices": tensor_indices, "step": step,
-                                             "element_offsets": element_offsets})
+    return call("noise_grad_sums", backend,
+                {"grads": grads, "saved": saved, "gammas": gammas, "lams": lams, "stream": stream})
 
 
 def rsam_coefficients(
@@ -187,13 +181,9 @@ def mix_perturb_(
     grad_coefs: Sequence[Tensor],
     *,
     gammas: FloatOrSeq,
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: NoiseStream,
     backend: str = "auto",
 ) -> None:
     """w ← saved + a·δ₀ + b·g (R-SAM's projected, λ-mixed perturbation from the saved weights)."""
     call("mix_perturb_", backend, {"params": params, "grads": grads, "saved": saved, "noise_coefs": noise_coefs,
-                                   "grad_coefs": grad_coefs, "gammas": gammas, "seed": seed,
-                                   "tensor_indices": tensor_indices, "step": step, "element_offsets": element_offsets})
+                                   "grad_coefs": grad_coefs, "gammas": gammas, "stream": stream})

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -34,6 +36,37 @@ _MASK32 = 0xFFFFFFFF
 _TWO_PI_F32 = float(torch.tensor(2.0 * math.pi, dtype=torch.float32))
 # Blocks generated per chunk: bounds the int64 temporaries to a few hundred MB.
 _CHUNK_BLOCKS = 1 << 22
+
+
+@dataclass(frozen=True)
+class NoiseStream:
+    """Where the δ₀ of a list of tensors comes from (docs/DESIGN.md §3).
+
+    ``seed`` keys Philox (64-bit); ``step`` is the R-SAM step s; tensor k of the
+    list is tensor number ``tensor_indices[k]`` of the stream and its first
+    element is element ``element_offsets[k]`` of that tensor (non-zero for a
+    dim-0 shard of a bigger tensor, FSDP2; all 0 when None).
+    """
+
+    seed: int
+    step: int
+    tensor_indices: tuple[int, ...]
+    element_offsets: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensor_indices", tuple(int(j) for j in self.tensor_indices))
+        if self.element_offsets is not None:
+            object.__setattr__(self, "element_offsets", tuple(int(e) for e in self.element_offsets))
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Each tensor's element offset (zeros when none were given)."""
+        return self.element_offsets if self.element_offsets is not None else (0,) * len(self.tensor_indices)
+
+    def pick(self, positions: Sequence[int]) -> "NoiseStream":
+        """The stream of the tensors at ``positions`` of the list."""
+        offsets = None if self.element_offsets is None else tuple(self.element_offsets[i] for i in positions)
+        return NoiseStream(self.seed, self.step, tuple(self.tensor_indices[i] for i in positions), offsets)
 
 
 def seed_to_key(seed: int) -> tuple[int, int]:

@@ -115,8 +115,8 @@ def test_scaled_grad_sq_sum_matches_reference(granularity, dtype, backend):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 def test_noise_grad_sums_match_reference(dtype, backend):
     params, grads = _random_lists(dtype)
-    stream = dict(gammas=[0.1 + 0.05 * i for i in range(len(params))], seed=2**63 + 5,
-                  tensor_indices=list(range(3, 3 + len(params))), step=4)
+    stream = dict(gammas=[0.1 + 0.05 * i for i in range(len(params))],
+                  stream=F.NoiseStream(seed=2**63 + 5, step=4, tensor_indices=range(3, 3 + len(params))))
     lams = [0.5 + i for i in range(len(params))]
     expected = F.noise_grad_sums(grads, params, lams=lams, backend="reference", **stream)
     actual = F.noise_grad_sums(grads, params, lams=lams, backend=backend, **stream)

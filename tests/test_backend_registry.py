@@ -85,22 +85,28 @@ def test_short_per_tensor_lists_are_refused_on_every_backend(backend):
     grads = [torch.randn_like(p) for p in params]
     saved = [torch.empty_like(p) for p in params]
     scale = [torch.tensor(0.1)]
+
+    def stream(seed, indices, offsets=None):
+        return F.NoiseStream(seed=seed, step=0, tensor_indices=indices, element_offsets=offsets)
+
     cases = [
         (lambda: F.perturb_(params, grads, saved, scale, backend=backend), r"scales has 1 values for 2 tensors"),
         (lambda: F.perturb_(params, grads[:1], saved, scale * 2, backend=backend), r"grads has 1 tensors, params has 2"),
         (lambda: F.restore_(params, saved[:1], backend=backend), r"saved has 1 tensors"),
-        (lambda: F.add_noise_(params, saved, gammas=[0.1], seed=1, tensor_indices=[0, 1], step=0, backend=backend),
+        (lambda: F.add_noise_(params, saved, gammas=[0.1], stream=stream(1, [0, 1]), backend=backend),
          r"gammas has 1 values"),
-        (lambda: F.add_noise_(params, saved, gammas=0.1, seed=1, tensor_indices=[0], step=0, backend=backend),
-         r"tensor_indices has 1 values"),
-        (lambda: F.add_noise_(params, saved, gammas=0.1, seed=1, tensor_indices=[0, 1], step=0,
-                              element_offsets=[0], backend=backend), r"element_offsets has 1 values"),
-        (lambda: F.add_noise_(params, saved, gammas=0.1, seed=-1, tensor_indices=[0, 1], step=0, backend=backend),
+        (lambda: F.add_noise_(params, saved, gammas=0.1, stream=stream(1, [0]), backend=backend),
+         r"stream.tensor_indices has 1 values"),
+        (lambda: F.add_noise_(params, saved, gammas=0.1, stream=stream(1, [0, 1], [0]), backend=backend),
+         r"stream.element_offsets has 1 values"),
+        (lambda: F.add_noise_(params, saved, gammas=0.1, stream=stream(-1, [0, 1]), backend=backend),
          r"seed must be an int in \[0, 2\*\*64\)"),
-        (lambda: F.add_noise_(params, saved, gammas=0.1, seed=2**64, tensor_indices=[0, 1], step=0, backend=backend),
+        (lambda: F.add_noise_(params, saved, gammas=0.1, stream=stream(2**64, [0, 1]), backend=backend),
          r"seed must be"),
-        (lambda: F.mix_perturb_(params, grads, saved, scale * 2, scale, gammas=0.1, seed=1, tensor_indices=[0, 1],
-                                step=0, backend=backend), r"grad_coefs has 1 values"),
+        (lambda: F.add_noise_(params, saved, gammas=0.1, stream=stream(1, [0, 2**32]), backend=backend),
+         r"tensor_indices must be in \[0, 2\*\*32\)"),
+        (lambda: F.mix_perturb_(params, grads, saved, scale * 2, scale, gammas=0.1, stream=stream(1, [0, 1]),
+                                backend=backend), r"grad_coefs has 1 values"),
     ]
     for run, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -136,5 +142,5 @@ def test_functional_writes_bump_the_version_counters(backend):
     F.restore_(params, saved, backend=backend)
     assert all(p._version > v for p, v in zip(params, versions))
     versions = [p._version for p in params]
-    F.add_noise_(params, saved, gammas=0.1, seed=3, tensor_indices=[0, 1], step=0, backend=backend)
+    F.add_noise_(params, saved, gammas=0.1, stream=F.NoiseStream(3, 0, [0, 1]), backend=backend)
     assert all(p._version > v for p, v in zip(params, versions))

@@ -91,7 +91,7 @@ def test_cpp_routes_what_it_cannot_take_to_foreach():
     w = torch.randn(6, 4).t()  # non-contiguous
     saved = torch.empty_like(w)
     before = w.clone()
-    F.add_noise_([w], [saved], gammas=0.1, seed=3, tensor_indices=[0], step=0, backend="cpp")
+    F.add_noise_([w], [saved], gammas=0.1, stream=F.NoiseStream(3, 0, [0]), backend="cpp")
     assert torch.equal(saved, before) and not torch.equal(w, before)
     assert "non-contiguous" in native.ROUTED_TO_FOREACH[(4, 6)]
 

@@ -107,7 +107,7 @@ def test_noise_std_per_filter_matches_sigma(backend):
     bias = torch.rand(50_000, dtype=torch.float64) + 0.5
     params = [w.clone().float(), bias.clone().float()]
     saved = [torch.empty_like(p) for p in params]
-    F.add_noise_(params, saved, gammas=gamma, seed=2024, tensor_indices=[0, 1], step=0, backend=backend)
+    F.add_noise_(params, saved, gammas=gamma, stream=F.NoiseStream(2024, 0, [0, 1]), backend=backend)
     delta = (params[0].double() - w.float().double())
     sigma = gamma * w.float().double().norm(dim=1) / math.sqrt(w.shape[1])
     assert torch.allclose(delta.std(dim=1), sigma, rtol=0.03)

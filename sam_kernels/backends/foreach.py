@@ -135,24 +135,17 @@ def restore_(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
         torch._foreach_copy_(list(params), list(saved))
 
 
-def _initial_noise(
-    saved: Sequence[Tensor],
-    gammas: Sequence[float],
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None,
-) -> list[Tensor]:
+def _initial_noise(saved: Sequence[Tensor], gammas: Sequence[float], stream: noise.NoiseStream) -> list[Tensor]:
     """δ₀ per tensor in its accumulation dtype; the Philox stream of all tensors in one pass."""
     if not saved:
         return []
     z = noise.standard_normal_multi(
         [w.numel() for w in saved],
-        seed=seed,
-        tensor_indices=list(tensor_indices),
-        step=step,
+        seed=stream.seed,
+        tensor_indices=list(stream.tensor_indices),
+        step=stream.step,
         device=saved[0].device,
-        offsets=None if element_offsets is None else list(element_offsets),
+        offsets=None if stream.element_offsets is None else list(stream.element_offsets),
     )
     return [
         noise_std(w, gamma) * zi.reshape(w.shape).to(accumulation_dtype(w.dtype))
@@ -165,16 +158,13 @@ def add_noise_(
     saved: Sequence[Tensor],
     *,
     gammas: Sequence[float],
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: noise.NoiseStream,
 ) -> None:
     params, saved = list(params), list(saved)
     if not params:
         return
     torch._foreach_copy_(saved, params)
-    _foreach_add_by_dtype_(params, _initial_noise(saved, gammas, seed, tensor_indices, step, element_offsets))
+    _foreach_add_by_dtype_(params, _initial_noise(saved, gammas, stream))
 
 
 def noise_grad_sums(
@@ -183,13 +173,10 @@ def noise_grad_sums(
     *,
     gammas: Sequence[float],
     lams: Sequence[float],
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: noise.NoiseStream,
 ) -> Tensor:
     grads = list(grads)
-    deltas = _initial_noise(saved, gammas, seed, tensor_indices, step, element_offsets)
+    deltas = _initial_noise(saved, gammas, stream)
     grads_acc = [g.to(d.dtype) for g, d in zip(grads, deltas)]
     dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     dots = [x.sum() for x in torch._foreach_mul(deltas, grads_acc)]
@@ -214,15 +201,12 @@ def mix_perturb_(
     grad_coefs: Sequence[Tensor],
     *,
     gammas: Sequence[float],
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: noise.NoiseStream,
 ) -> None:
     params, grads, saved = list(params), list(grads), list(saved)
     if not params:
         return
-    eps = _initial_noise(saved, gammas, seed, tensor_indices, step, element_offsets)
+    eps = _initial_noise(saved, gammas, stream)
     grads_acc = [g.to(d.dtype) for g, d in zip(grads, eps)]
     keys = [(d.dtype, id(a), id(b)) for d, a, b in zip(eps, noise_coefs, grad_coefs)]
     for (dtype, _, _), positions in _buckets(keys).items():

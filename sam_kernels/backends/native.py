@@ -31,6 +31,11 @@ ROUTED_TO_FOREACH: dict[tuple[int, ...], str] = {}
 _MODES = {None: 0, "element": 1, "filter": 2}
 
 
+def _stream_args(stream) -> tuple:
+    """The extension's form of a NoiseStream: seed, tensor numbers, step, element offsets."""
+    return stream.seed, list(stream.tensor_indices), stream.step, list(stream.offsets)
+
+
 def _leftover(tensors: Sequence[Tensor], skipped: list[int]) -> None:
     for i in skipped:
         ROUTED_TO_FOREACH[tuple(tensors[i].shape)] = "non-contiguous, or gradient dtype differs from the weight's"
@@ -65,10 +70,6 @@ class NativeBackend:
             return None
         return _C.host.StepPlan(params, group_of, num_groups, skip_flag, skip_count)
 
-    @staticmethod
-    def _offsets(element_offsets: Sequence[int] | None, count: int) -> list[int]:
-        return list(element_offsets) if element_offsets is not None else [0] * count
-
     def filter_norms(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         out, skipped = self._ops.filter_norms(list(tensors))
         if skipped:
@@ -99,38 +100,30 @@ class NativeBackend:
             _leftover(params, skipped)
             _foreach.restore_(_pick(params, skipped), _pick(saved, skipped))
 
-    def add_noise_(self, params, saved, *, gammas, seed, tensor_indices, step, element_offsets=None):
-        offsets = self._offsets(element_offsets, len(params))
-        skipped = self._ops.add_noise_(params, saved, gammas, seed, tensor_indices, step, offsets)
+    def add_noise_(self, params, saved, *, gammas, stream):
+        skipped = self._ops.add_noise_(params, saved, gammas, *_stream_args(stream))
         if skipped:
             _leftover(params, skipped)
             _foreach.add_noise_(_pick(params, skipped), _pick(saved, skipped), gammas=_pick(gammas, skipped),
-                                seed=seed, tensor_indices=_pick(tensor_indices, skipped), step=step,
-                                element_offsets=_pick(offsets, skipped))
+                                stream=stream.pick(skipped))
 
-    def noise_grad_sums(self, grads, saved, *, gammas, lams, seed, tensor_indices, step, element_offsets=None):
-        offsets = self._offsets(element_offsets, len(grads))
-        total, skipped = self._ops.noise_grad_sums(grads, saved, gammas, lams, seed, tensor_indices, step, offsets)
+    def noise_grad_sums(self, grads, saved, *, gammas, lams, stream):
+        total, skipped = self._ops.noise_grad_sums(grads, saved, gammas, lams, *_stream_args(stream))
         parts = [] if total is None else [total]
         if skipped:
             _leftover(saved, skipped)
             parts.append(_foreach.noise_grad_sums(
                 _pick(grads, skipped), _pick(saved, skipped), gammas=_pick(gammas, skipped),
-                lams=_pick(lams, skipped), seed=seed, tensor_indices=_pick(tensor_indices, skipped), step=step,
-                element_offsets=_pick(offsets, skipped)))
+                lams=_pick(lams, skipped), stream=stream.pick(skipped)))
         return _sum(parts, (4,), saved[0].device)
 
-    def mix_perturb_(self, params, grads, saved, noise_coefs, grad_coefs, *, gammas, seed, tensor_indices, step,
-                     element_offsets=None):
-        offsets = self._offsets(element_offsets, len(params))
-        skipped = self._ops.mix_perturb_(params, grads, saved, noise_coefs, grad_coefs, gammas, seed, tensor_indices,
-                                         step, offsets)
+    def mix_perturb_(self, params, grads, saved, noise_coefs, grad_coefs, *, gammas, stream):
+        skipped = self._ops.mix_perturb_(params, grads, saved, noise_coefs, grad_coefs, gammas, *_stream_args(stream))
         if skipped:
             _leftover(params, skipped)
             _foreach.mix_perturb_(
                 _pick(params, skipped), _pick(grads, skipped), _pick(saved, skipped), _pick(noise_coefs, skipped),
-                _pick(grad_coefs, skipped), gammas=_pick(gammas, skipped), seed=seed,
-                tensor_indices=_pick(tensor_indices, skipped), step=step, element_offsets=_pick(offsets, skipped))
+                _pick(grad_coefs, skipped), gammas=_pick(gammas, skipped), stream=stream.pick(skipped))
 
 
 cpp = NativeBackend("cpp", _C.host, "cpu")

@@ -2,7 +2,8 @@
 
 Each :class:`Operation` names its tensor-list arguments (all of one length,
 on one device), its per-tensor hyperparameters (one float for all tensors, or
-one per tensor), its per-tensor integers, its per-tensor device scalars
+one per tensor), whether it takes R-SAM's :class:`~sam_kernels.noise.NoiseStream`,
+its per-tensor device scalars
 (scales and R-SAM coefficients: 0-d tensors, so a step never waits for the
 host) and what it returns. :func:`call` is the one way an operation runs: it
 checks the arguments against the declaration — a clear ``ValueError`` naming
@@ -29,10 +30,9 @@ class Operation:
     name: str
     tensor_lists: tuple[str, ...]
     per_tensor_floats: tuple[str, ...] = ()
-    per_tensor_ints: tuple[str, ...] = ()  # optional ones may be None
     device_scalars: tuple[str, ...] = ()
     options: tuple[str, ...] = ()  # whole-call options (ASAM's granularity and p)
-    noise: bool = False  # takes the R-SAM noise stream's seed and step
+    noise: bool = False  # takes a NoiseStream (seed, step, tensor numbers, element offsets) as `stream`
     writes: tuple[str, ...] = ()  # tensor lists written in place
     returns: str = "nothing"  # "nothing" (in place), "sum" (a 0-d tensor), "sums4", "per tensor"
     doc: str = ""
@@ -49,11 +49,9 @@ OPERATIONS: dict[str, Operation] = {
                   writes=("params", "saved"),
                   doc="saved ← w; w ← w + s·t²⊙g (p = 2) or s·t⊙sign(g) (p = ∞)"),
         Operation("restore_", ("params", "saved"), writes=("params",), doc="w ← saved, bit-exactly"),
-        Operation("add_noise_", ("params", "saved"), ("gammas",), ("tensor_indices", "element_offsets"),
-                  noise=True, writes=("params", "saved"), doc="saved ← w; w ← w + δ₀"),
-        Operation("noise_grad_sums", ("grads", "saved"), ("gammas", "lams"), ("tensor_indices", "element_offsets"),
-                  noise=True, returns="sums4", doc="(Σδ₀², Σg², Σλδ₀·g, Σλ²g²)"),
-        Operation("mix_perturb_", ("params", "grads", "saved"), ("gammas",), ("tensor_indices", "element_offsets"),
+        Operation("add_noise_", ("params", "saved"), ("gammas",), noise=True, writes=("params", "saved"), doc="saved ← w; w ← w + δ₀"),
+        Operation("noise_grad_sums", ("grads", "saved"), ("gammas", "lams"), noise=True, returns="sums4", doc="(Σδ₀², Σg², Σλδ₀·g, Σλ²g²)"),
+        Operation("mix_perturb_", ("params", "grads", "saved"), ("gammas",),
                   device_scalars=("noise_coefs", "grad_coefs"), noise=True, writes=("params",),
                   doc="w ← saved + a·δ₀ + b·g"),
     ]
@@ -88,26 +86,34 @@ def check_arguments(op: Operation, arguments: dict[str, Any]) -> tuple[int, dict
             normalised[name] = [float(v) for v in value]
             if len(normalised[name]) != count:
                 raise ValueError(f"{op.name}: {name} has {len(normalised[name])} values for {count} tensors")
-    for name in op.per_tensor_ints + op.device_scalars:
-        value = arguments.get(name)
-        if value is None:
-            if name == "element_offsets":
-                normalised[name] = [0] * count
-                continue
-            raise ValueError(f"{op.name}: {name} is required")
-        normalised[name] = list(value)
+    for name in op.device_scalars:
+        normalised[name] = list(arguments[name])
         if len(normalised[name]) != count:
             raise ValueError(f"{op.name}: {name} has {len(normalised[name])} values for {count} tensors")
     if op.noise:
-        seed, step = arguments["seed"], arguments["step"]
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-            raise ValueError(f"{op.name}: seed must be an int in [0, 2**64), got {seed!r}")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"{op.name}: step must be an int >= 0, got {step!r}")
-        bad = [j for j in normalised["tensor_indices"] if not 0 <= int(j) < 2**32]
-        if bad:
-            raise ValueError(f"{op.name}: tensor_indices must be in [0, 2**32), got {bad[0]!r}")
+        _check_stream(op, arguments["stream"], count)
     return count or 0, normalised
+
+
+def _check_stream(op: Operation, stream: Any, count: int) -> None:
+    from ..noise import NoiseStream
+
+    if not isinstance(stream, NoiseStream):
+        raise TypeError(f"{op.name}: stream must be a sam_kernels.noise.NoiseStream, got {type(stream).__name__}")
+    seed, step = stream.seed, stream.step
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"{op.name}: stream.seed must be an int in [0, 2**64), got {seed!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{op.name}: stream.step must be an int >= 0, got {step!r}")
+    for name in ("tensor_indices", "element_offsets"):
+        values = getattr(stream, name)
+        if values is not None and len(values) != count:
+            raise ValueError(f"{op.name}: stream.{name} has {len(values)} values for {count} tensors")
+    bad = [j for j in stream.tensor_indices if not 0 <= j < 2**32]
+    if bad:
+        raise ValueError(f"{op.name}: stream.tensor_indices must be in [0, 2**32), got {bad[0]!r}")
+    if any(e < 0 for e in stream.offsets):
+        raise ValueError(f"{op.name}: stream.element_offsets must be >= 0")
 
 
 def _check_elementwise(op: Operation, lists: dict[str, Any]) -> None:
@@ -152,9 +158,9 @@ def call(name: str, backend: str, arguments: dict[str, Any]):
         return _empty_result(op, device)
     fn = implementation(impl, op, device)
     positional = [args[k] for k in op.tensor_lists] + [args[k] for k in op.device_scalars]
-    keywords = {k: args[k] for k in op.per_tensor_floats + op.per_tensor_ints}
+    keywords = {k: args[k] for k in op.per_tensor_floats}
     if op.noise:
-        keywords["seed"], keywords["step"] = arguments["seed"], arguments["step"]
+        keywords["stream"] = arguments["stream"]
     keywords.update({k: arguments[k] for k in op.options})
     result = fn(*positional, **keywords)
     for name in op.writes:
@@ -180,8 +186,7 @@ def missing(impl: Any) -> list[str]:
 def declared_signature(op: Operation) -> str:
     """One line describing an operation's arguments, for docs and error messages."""
     parts = list(op.tensor_lists) + list(op.device_scalars)
-    keywords = list(op.per_tensor_floats) + list(op.per_tensor_ints) + list(op.options)
-    keywords += ["seed", "step"] if op.noise else []
+    keywords = list(op.per_tensor_floats) + list(op.options) + (["stream"] if op.noise else [])
     return f"{op.name}({', '.join(parts)}{', *, ' + ', '.join(keywords) if keywords else ''}) -> {op.returns}"
 
 

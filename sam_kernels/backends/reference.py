@@ -149,16 +149,12 @@ def add_noise_(
     saved: Sequence[Tensor],
     *,
     gammas: Sequence[float],
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: noise.NoiseStream,
 ) -> None:
     """saved ← w; w ← w + δ₀ = ŵ."""
-    offsets = element_offsets or [0] * len(params)
-    for w, w_saved, gamma, j, offset in zip(params, saved, gammas, tensor_indices, offsets):
+    for w, w_saved, gamma, j, offset in zip(params, saved, gammas, stream.tensor_indices, stream.offsets):
         w_saved.copy_(w)
-        w.copy_(_acc(w_saved) + initial_noise(w_saved, gamma, seed, j, step, offset))
+        w.copy_(_acc(w_saved) + initial_noise(w_saved, gamma, stream.seed, j, stream.step, offset))
 
 
 def noise_grad_sums(
@@ -167,16 +163,13 @@ def noise_grad_sums(
     *,
     gammas: Sequence[float],
     lams: Sequence[float],
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: noise.NoiseStream,
 ) -> Tensor:
     """(Σ δ₀², Σ g², Σ λ·δ₀·g, Σ λ²·g²) over all tensors."""
     total = None
-    offsets = element_offsets or [0] * len(grads)
-    for g, w_saved, gamma, lam, j, offset in zip(grads, saved, gammas, lams, tensor_indices, offsets):
-        delta = initial_noise(w_saved, gamma, seed, j, step, offset)
+    per_tensor = zip(grads, saved, gammas, lams, stream.tensor_indices, stream.offsets)
+    for g, w_saved, gamma, lam, j, offset in per_tensor:
+        delta = initial_noise(w_saved, gamma, stream.seed, j, stream.step, offset)
         g = _acc(g)
         sums = torch.stack(
             [(delta * delta).sum(), (g * g).sum(), lam * (delta * g).sum(), lam * lam * (g * g).sum()]
@@ -193,16 +186,12 @@ def mix_perturb_(
     grad_coefs: Sequence[Tensor],
     *,
     gammas: Sequence[float],
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: noise.NoiseStream,
 ) -> None:
     """w ← saved + ε, ε = a·δ₀ + b·g (a, b from :func:`sam_kernels.functional.rsam_coefficients`)."""
-    offsets = element_offsets or [0] * len(params)
-    per_tensor = zip(params, grads, saved, noise_coefs, grad_coefs, gammas, tensor_indices, offsets)
+    per_tensor = zip(params, grads, saved, noise_coefs, grad_coefs, gammas, stream.tensor_indices, stream.offsets)
     for w, g, w_saved, a, b, gamma, j, offset in per_tensor:
-        delta = initial_noise(w_saved, gamma, seed, j, step, offset)
+        delta = initial_noise(w_saved, gamma, stream.seed, j, stream.step, offset)
         g = _acc(g)
         eps = a.to(g.dtype) * delta + b.to(g.dtype) * g
         w.copy_(_acc(w_saved) + _zero_non_finite(eps))

@@ -10,6 +10,7 @@ from torch.optim import Optimizer
 
 from .. import functional as F
 from .._validation import check_seed
+from ..noise import NoiseStream
 from .base import ParamSelection, SharpnessAwareOptimizer
 
 
@@ -65,14 +66,9 @@ class RSAM(SharpnessAwareOptimizer):
         return self._step
 
     def _stream(self, selection) -> dict[str, Any]:
-        return {
-            "gammas": selection.per_tensor("gamma"),
-            "seed": self._seed,
-            "tensor_indices": selection.tensor_indices,
-            "element_offsets": selection.element_offsets,
-            "step": self._step,
-            "backend": self._backend,
-        }
+        """The noise arguments of the functional R-SAM operations for ``selection``."""
+        stream = NoiseStream(self._seed, self._step, selection.tensor_indices, selection.element_offsets)
+        return {"gammas": selection.per_tensor("gamma"), "stream": stream, "backend": self._backend}
 
     @torch.compiler.disable
     def noise_step(self) -> None:

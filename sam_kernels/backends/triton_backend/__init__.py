@@ -26,6 +26,7 @@ from .. import foreach as _foreach
 from .. import register_backend
 from .._lists import pick as _pick
 from .._lists import sum_parts as _sum
+from ...noise import NoiseStream
 from ..reference import accumulation_dtype
 from . import kernels as K
 from . import layout as L
@@ -137,10 +138,6 @@ def _on_tensors_device(op):
     return wrapper
 
 
-def _pick_offsets(element_offsets: Sequence[int] | None, positions: list[int]) -> list[int] | None:
-    return None if element_offsets is None else _pick(element_offsets, positions)
-
-
 # --------------------------------------------------------------- operations
 def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     return _foreach.filter_norms(tensors)
@@ -208,8 +205,9 @@ def restore_(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
         _foreach.restore_(_pick(params, fallback), _pick(saved, fallback))
 
 
-def _noise_args(b: _Bucket, gammas, seed: int, tensor_indices, step: int) -> tuple:
-    return (b.floats(gammas), b.ints(tensor_indices), seed & 0xFFFFFFFF, seed >> 32, step & 0xFFFFFFFF)
+def _noise_args(b: _Bucket, gammas, stream: NoiseStream) -> tuple:
+    seed = stream.seed
+    return (b.floats(gammas), b.ints(stream.tensor_indices), seed & 0xFFFFFFFF, seed >> 32, stream.step & 0xFFFFFFFF)
 
 
 @_on_tensors_device
@@ -218,25 +216,21 @@ def add_noise_(
     saved: Sequence[Tensor],
     *,
     gammas: Sequence[float],
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: NoiseStream,
 ) -> None:
-    buckets, fallback = _split(params, [saved], element_offsets)
+    buckets, fallback = _split(params, [saved], stream.element_offsets)
     for b in buckets:
         weights = b.take(params)
         fnorms = b.filter_norms(weights)
         K.add_noise_kernel[(b.layout.num_tiles,)](
             b.layout.tile_tensor, b.layout.tile_start, L.pointers(weights), L.pointers(b.take(saved)),
             b.layout.numels, b.layout.fsizes, b.layout.fnorm_offs, fnorms,
-            *_noise_args(b, gammas, seed, tensor_indices, step),
+            *_noise_args(b, gammas, stream),
             BLOCK=BLOCK, num_warps=NUM_WARPS, **b.dtypes(),
         )
     if fallback:
         _foreach.add_noise_(_pick(params, fallback), _pick(saved, fallback), gammas=_pick(gammas, fallback),
-                            seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step,
-                            element_offsets=_pick_offsets(element_offsets, fallback))
+                            stream=stream.pick(fallback))
 
 
 @_on_tensors_device
@@ -246,18 +240,15 @@ def noise_grad_sums(
     *,
     gammas: Sequence[float],
     lams: Sequence[float],
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: NoiseStream,
 ) -> Tensor:
-    buckets, fallback = _split(saved, [grads], element_offsets)
+    buckets, fallback = _split(saved, [grads], stream.element_offsets)
     parts = []
     for b in buckets:
         weights = b.take(saved)
         fnorms = b.filter_norms(weights)
         partials = torch.empty((b.layout.num_tiles, 4), dtype=b.acc, device=b.device)
-        gamma_arr, index_arr, key0, key1, step32 = _noise_args(b, gammas, seed, tensor_indices, step)
+        gamma_arr, index_arr, key0, key1, step32 = _noise_args(b, gammas, stream)
         K.noise_grad_sums_kernel[(b.layout.num_tiles,)](
             b.layout.tile_tensor, b.layout.tile_start, L.pointers(b.take(grads)), L.pointers(weights),
             b.layout.numels, b.layout.fsizes, b.layout.fnorm_offs, fnorms, gamma_arr, b.floats(lams), index_arr,
@@ -268,8 +259,7 @@ def noise_grad_sums(
     if fallback:
         parts.append(_foreach.noise_grad_sums(
             _pick(grads, fallback), _pick(saved, fallback), gammas=_pick(gammas, fallback),
-            lams=_pick(lams, fallback), seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step,
-            element_offsets=_pick_offsets(element_offsets, fallback)))
+            lams=_pick(lams, fallback), stream=stream.pick(fallback)))
     return _sum(parts, (4,), saved[0].device)
 
 
@@ -282,12 +272,9 @@ def mix_perturb_(
     grad_coefs: Sequence[Tensor],
     *,
     gammas: Sequence[float],
-    seed: int,
-    tensor_indices: Sequence[int],
-    step: int,
-    element_offsets: Sequence[int] | None = None,
+    stream: NoiseStream,
 ) -> None:
-    buckets, fallback = _split(params, [grads, saved], element_offsets)
+    buckets, fallback = _split(params, [grads, saved], stream.element_offsets)
     for b in buckets:
         bucket_saved = b.take(saved)
         fnorms = b.filter_norms(bucket_saved)
@@ -295,7 +282,7 @@ def mix_perturb_(
         K.mix_perturb_kernel[(b.layout.num_tiles,)](
             b.layout.tile_tensor, b.layout.tile_start, L.pointers(b.take(params)), L.pointers(b.take(grads)),
             L.pointers(bucket_saved), b.layout.numels, b.layout.fsizes, b.layout.fnorm_offs, fnorms,
-            *_noise_args(b, gammas, seed, tensor_indices, step),
+            *_noise_args(b, gammas, stream),
             L.ints(slots, b.device, torch.int32), torch.stack(unique_a).to(b.acc), torch.stack(unique_b).to(b.acc),
             G_DTYPE=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, num_warps=NUM_WARPS, **b.dtypes(),
         )
@@ -303,8 +290,7 @@ def mix_perturb_(
         _foreach.mix_perturb_(
             _pick(params, fallback), _pick(grads, fallback), _pick(saved, fallback),
             _pick(noise_coefs, fallback), _pick(grad_coefs, fallback), gammas=_pick(gammas, fallback),
-            seed=seed, tensor_indices=_pick(tensor_indices, fallback), step=step,
-            element_offsets=_pick_offsets(element_offsets, fallback))
+            stream=stream.pick(fallback))
 
 
 register_backend(NAME, sys.modules[__name__], priority={"cuda": 20})
