@@ -32,7 +32,7 @@ at::Tensor row_norms(const at::Tensor& w) {
   check_contiguous(w, "weight");
   const FilterShape shape = filter_shape(w);
   at::Tensor out = at::empty({shape.rows}, w.options().dtype(acc_type(w.scalar_type())));
-  if (!shape.fsize) return out;
+  if (!shape.fsize) return out.zero_();  // (N, 0): every filter is empty, its norm 0
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "row_norms", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* data = w.data_ptr<scalar_t>();

@@ -9,7 +9,9 @@
 
 #include <cmath>
 #include <cstring>
+#include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "host_common.h"
 #include "noise_batch.h"
@@ -335,6 +337,29 @@ bool StepPlan::view_of(int64_t i, bool with_grad, View& view) {
   return true;
 }
 
+// Whether no two weights share memory (params viewing one storage would be perturbed and restored twice).
+// Sorting costs O(n log n): it runs only when the set of addresses and sizes changed since the last check.
+bool StepPlan::disjoint(const std::vector<View>& views) {
+  uint64_t signature = 1469598103934665603ull;
+  for (const View& v : views) {
+    signature = (signature ^ reinterpret_cast<uintptr_t>(v.w)) * 1099511628211ull;
+    signature = (signature ^ static_cast<uint64_t>(v.numel)) * 1099511628211ull;
+  }
+  if (signature == checked_layout_) return true;
+  std::vector<std::pair<uintptr_t, uintptr_t>> spans;
+  spans.reserve(views.size());
+  for (const View& v : views) {
+    if (!v.numel) continue;
+    const uintptr_t start = reinterpret_cast<uintptr_t>(v.w);
+    spans.emplace_back(start, start + static_cast<uintptr_t>(v.numel) * c10::elementSize(v.dtype));
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t k = 1; k < spans.size(); ++k)
+    if (spans[k].first < spans[k - 1].second) return false;
+  checked_layout_ = signature;
+  return true;
+}
+
 void StepPlan::record_skip(bool skipped) {
   *skip_flag_.data_ptr<bool>() = skipped;
   *skip_count_.data_ptr<int64_t>() += skipped ? 1 : 0;
@@ -352,6 +377,7 @@ int64_t StepPlan::sam_first_step(const std::vector<double>& rhos, const std::vec
     if (!view_of(i, true, v)) return -1;
     scratch_.push_back(v);
   }
+  if (!disjoint(scratch_)) return -1;
   // Checked: from here on nothing fails. Saved buffers are (re)made at the start of a step only.
   for (View& view : scratch_) {
     const at::Tensor& w = params_[view.i];
@@ -387,6 +413,7 @@ int64_t StepPlan::add_noise(const std::vector<double>& gammas, uint64_t seed, in
     if (!view_of(i, false, v)) return -1;
     scratch_.push_back(v);
   }
+  if (!disjoint(scratch_)) return -1;
   for (View& view : scratch_) {
     const at::Tensor& w = params_[view.i];
     if (!matches(saved_[view.i], w)) saved_[view.i] = at::empty(w.sizes(), w.options());

@@ -57,6 +57,7 @@ class StepPlan {
 
  private:
   bool view_of(int64_t i, bool with_grad, View& view);
+  bool disjoint(const std::vector<View>& views);
   void record_skip(bool skipped);
 
   std::vector<at::Tensor> params_;
@@ -67,6 +68,7 @@ class StepPlan {
   std::vector<View> views_;                 // the params the last phase moved
   std::vector<View> scratch_;
   at::Tensor skip_flag_, skip_count_;
+  uint64_t checked_layout_ = 0;  // signature of the last set of weight addresses found disjoint
 };
 
 }  // namespace sam_host

@@ -67,8 +67,8 @@ inline c10::optional<at::Tensor> add_totals(const Tensors& parts) {
   return total;
 }
 
-// The routed form of one backend's operations. Ops has static members forwarding to its functions
-// (sam_host:: or sam_cuda::), each taking lists of one dtype.
+// The routed form of one backend's operations. Ops has static member pointers to its functions
+// (sam_host:: or sam_cuda::, see bindings.cpp), each taking lists of one dtype.
 template <typename Ops>
 struct Routed {
   static std::tuple<Tensors, Positions> filter_norms(const Tensors& tensors) {
@@ -137,15 +137,3 @@ struct Routed {
 };
 
 }  // namespace sam
-
-// Ops for Routed<>: static members naming the functions of namespace ns.
-#define SAM_OPS_OF(ns)                                                    \
-  struct ns##_ops {                                                       \
-    static constexpr auto filter_norms = &ns::filter_norms;             \
-    static constexpr auto scaled_grad_sq_sum = &ns::scaled_grad_sq_sum; \
-    static constexpr auto perturb_ = &ns::perturb_;                     \
-    static constexpr auto restore_ = &ns::restore_;                     \
-    static constexpr auto add_noise_ = &ns::add_noise_;                 \
-    static constexpr auto noise_grad_sums = &ns::noise_grad_sums;       \
-    static constexpr auto mix_perturb_ = &ns::mix_perturb_;             \
-  }

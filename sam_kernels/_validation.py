@@ -69,3 +69,30 @@ def check_single_device(devices: set, owner: str) -> None:
             f"{owner} needs all parameters on one device (global norms span every parameter); "
             f"got {sorted(str(d) for d in devices)}"
         )
+
+
+def check_memory(tensors: list[torch.Tensor], name_of: Callable[[int], str], owner: str) -> None:
+    """No weight with elements sharing memory (an expanded view), none overlapping another weight's memory.
+
+    A step writes every element of every weight and restores it from its saved
+    copy; shared memory would make both ill-defined (docs/DESIGN.md §7).
+    """
+    spans = []
+    for i, tensor in enumerate(tensors):
+        if tensor.numel() == 0:
+            continue
+        if torch._debug_has_internal_overlap(tensor) == 1:  # 1: MemOverlap::Yes (0: no, 2: too hard to tell)
+            raise ValueError(
+                f"{owner}: {name_of(i)} has elements that share memory (strides {tensor.stride()}, e.g. an "
+                "expanded view): its weights cannot be perturbed and restored one by one"
+            )
+        extent = sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+        start = tensor.data_ptr()
+        spans.append((tensor.untyped_storage().data_ptr(), start, start + (extent + 1) * tensor.element_size(), i))
+    spans.sort()
+    for (storage_a, _, end_a, i), (storage_b, start_b, _, j) in zip(spans, spans[1:]):
+        if storage_a == storage_b and start_b < end_a:
+            raise ValueError(
+                f"{owner}: {name_of(i)} and {name_of(j)} overlap in memory (views of one storage): "
+                "a step would perturb and restore the shared elements twice"
+            )

@@ -28,7 +28,7 @@ from .amp import scaler_step
 from ..backends import resolve_backend
 from .plan import StepPlan, structure_key
 from .sharding import all_reduce_sum_, is_sharded, local, shard_of
-from .._validation import check_backend, check_gradients, check_non_negative, check_single_device
+from .._validation import check_backend, check_gradients, check_memory, check_non_negative, check_single_device
 
 _EXTRA_STATE_KEY = "sam_kernels"
 
@@ -174,11 +174,36 @@ class SharpnessAwareOptimizer(Optimizer):
         self.base_optimizer = base
 
     def _link_base(self) -> None:
-        # One list, one dict: schedulers, add_param_group and checkpoints see the same objects.
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
         for group in self.param_groups:
             self._fill_and_check_group(group)
+
+    # One list, one dict: ``param_groups`` and ``state`` are the base optimizer's, whatever replaces them
+    # (its own load_state_dict, a checkpoint tool writing to it): schedulers and ρ edits reach both.
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        base = self.__dict__.get("base_optimizer")
+        return base.param_groups if base is not None else self.__dict__.setdefault("_initial_param_groups", [])
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            base.param_groups = groups
+        else:  # Optimizer.__init__, before the base optimizer exists
+            self.__dict__["_initial_param_groups"] = groups
+
+    @property
+    def state(self):  # type: ignore[override]
+        base = self.__dict__.get("base_optimizer")
+        return base.state if base is not None else self.__dict__.setdefault("_initial_state", {})
+
+    @state.setter
+    def state(self, state) -> None:
+        base = self.__dict__.get("base_optimizer")
+        if base is not None:
+            base.state = state
+        else:
+            self.__dict__["_initial_state"] = state
 
     def _fill_and_check_group(self, group: dict) -> None:
         for key, default in self._own_defaults.items():
@@ -269,6 +294,7 @@ class SharpnessAwareOptimizer(Optimizer):
             check_gradients(selection.params, selection.name, owner)
         else:
             check_single_device({p.device for p in selection.params}, owner)
+        check_memory(selection.tensors, selection.name, owner)
         return selection
 
     def _saved_of(self, selection: ParamSelection, *, allocate: bool) -> list[Tensor]:
