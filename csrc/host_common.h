@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -54,16 +55,32 @@ std::array<acc_t, N> chunked_sum(int64_t n, AddRange add_range, int64_t chunk = 
   return total;
 }
 
-// Sum of term(k) for k in [begin, end) in kLanes independent accumulators (element k in lane
-// (k - begin) mod kLanes), added in a fixed order at the end: vectorisable, and the same on every run.
+// Sum of term(k) for k in [begin, end) in independent accumulators (element k in lane (k - begin) mod
+// lanes; 16 lanes, 4 for short ranges, 1 for tiny ones, chosen by the length only), folded in a fixed order
+// at the end: vectorisable, and the same on every run and thread count.
 constexpr int kLanes = 16;
 
 template <typename acc_t, int N, typename Term>
 inline void lane_sums(int64_t begin, int64_t end, std::array<acc_t, N>& out, Term term) {
-  if (end - begin < 2 * kLanes) {  // short ranges (small filters): one accumulator
+  if (end - begin < 8) {  // tiny ranges (small filters): one accumulator
     for (int64_t k = begin; k < end; ++k) {
       std::array<acc_t, N> t = term(k);
       for (int m = 0; m < N; ++m) out[m] += t[m];
+    }
+    return;
+  }
+  if (end - begin < 8 * kLanes) {  // short ranges: 4 lanes, cheap to set up and to fold
+    acc_t lanes[N][4] = {};
+    int64_t k = begin;
+    for (; k + 4 <= end; k += 4)
+      for (int l = 0; l < 4; ++l) {
+        const std::array<acc_t, N> t = term(k + l);
+        for (int m = 0; m < N; ++m) lanes[m][l] += t[m];
+      }
+    for (int m = 0; m < N; ++m) {
+      acc_t tail = 0;
+      for (int64_t q = k; q < end; ++q) tail += term(q)[m];
+      out[m] += ((lanes[m][0] + lanes[m][1]) + (lanes[m][2] + lanes[m][3])) + tail;
     }
     return;
   }
@@ -92,6 +109,27 @@ inline void lane_sums(int64_t begin, int64_t end, std::array<acc_t, N>& out, Ter
     for (int l = 0; l < kLanes; ++l) total += lanes[m][l];
     out[m] += total + tail[m];
   }
+}
+
+// ||x||_2 of n contiguous values: squares summed in lanes in the accumulation type; when that sum
+// leaves float32's safe range (w^2 under- or overflowing at the extremes of the dtype), once more with
+// the squares in double. A one-element filter's norm is |x| itself.
+template <typename acc_t, typename scalar_t>
+double row_norm(const scalar_t* x, int64_t n) {
+  if (n == 1) return std::abs(static_cast<double>(static_cast<acc_t>(x[0])));
+  std::array<acc_t, 1> sq{};
+  lane_sums<acc_t, 1>(0, n, sq, [x](int64_t k) {
+    const acc_t a = static_cast<acc_t>(x[k]);
+    return std::array<acc_t, 1>{a * a};
+  });
+  const double s = static_cast<double>(sq[0]);
+  if (s > 1e-30 && s < 1e30) return std::sqrt(s);
+  std::array<double, 1> wide{};
+  lane_sums<double, 1>(0, n, wide, [x](int64_t k) {
+    const double a = static_cast<double>(static_cast<acc_t>(x[k]));
+    return std::array<double, 1>{a * a};
+  });
+  return std::sqrt(wide[0]);
 }
 
 struct NoiseKey {

@@ -38,12 +38,8 @@ at::Tensor row_norms(const at::Tensor& w) {
     const scalar_t* data = w.data_ptr<scalar_t>();
     acc_t* norms = out.data_ptr<acc_t>();
     at::parallel_for(0, shape.rows, std::max<int64_t>(1, kGrain / shape.fsize), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        acc_t sum = 0;
-        const scalar_t* x = data + row * shape.fsize;
-        for (int64_t k = 0; k < shape.fsize; ++k) sum += static_cast<acc_t>(x[k]) * static_cast<acc_t>(x[k]);
-        norms[row] = std::sqrt(sum);
-      }
+      for (int64_t row = begin; row < end; ++row)
+        norms[row] = static_cast<acc_t>(row_norm<acc_t>(data + row * shape.fsize, shape.fsize));
     });
   });
   return out;

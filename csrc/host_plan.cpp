@@ -72,15 +72,7 @@ acc_t row_sigma(double gamma, double norm, int64_t fsize) {
 template <typename scalar_t>
 void row_norms(const scalar_t* w, int64_t fsize, int64_t r0, int64_t r1, double* norms) {
   using acc_t = at::opmath_type<scalar_t>;
-  for (int64_t r = r0; r < r1; ++r) {
-    std::array<acc_t, 1> sq{};
-    const scalar_t* x = w + r * fsize;
-    lane_sums<acc_t, 1>(0, fsize, sq, [x](int64_t k) {
-      const acc_t a = static_cast<acc_t>(x[k]);
-      return std::array<acc_t, 1>{a * a};
-    });
-    norms[r] = static_cast<double>(std::sqrt(sq[0]));
-  }
+  for (int64_t r = r0; r < r1; ++r) norms[r] = row_norm<acc_t>(w + r * fsize, fsize);
 }
 
 // Runs body(base, n, z, sigma) over [begin, end) of tensor j in batches of up to kNoiseBatch elements:
@@ -124,16 +116,30 @@ double sam_sum(const View& v, int mode, double eta_value, double* norms) {
         v.rows,
         [&](int64_t r0, int64_t r1, std::array<acc_t, 1>& s) {
           for (int64_t r = r0; r < r1; ++r) {
-            std::array<acc_t, 2> sq{};
+            // One pass for sum w^2 and sum g^2, and t^2 * sum g^2 when every factor is well inside float
+            // range (always, but at the extremes of the dtype); else the row's exact norm, then its (t g)^2
+            // term by term while the row is in cache (t g is in range where t^2 and g^2 are not).
             const scalar_t* x = wd + r * fsize;
             const scalar_t* y = gd + r * fsize;
+            std::array<acc_t, 2> sq{};
             lane_sums<acc_t, 2>(0, fsize, sq, [x, y](int64_t k) {
               const acc_t a = static_cast<acc_t>(x[k]), b = static_cast<acc_t>(y[k]);
               return std::array<acc_t, 2>{a * a, b * b};
             });
-            const acc_t norm = std::sqrt(sq[0]);
-            norms[r] = static_cast<double>(norm);
-            s[0] += (norm + eta) * (norm + eta) * sq[1];
+            const bool safe = fsize > 1 && sq[0] > acc_t(1e-30) && sq[0] < acc_t(1e30) &&
+                              sq[1] > acc_t(1e-30) && sq[1] < acc_t(1e30) && eta < 1e15;
+            if (safe) {
+              const acc_t norm = std::sqrt(sq[0]);
+              norms[r] = static_cast<double>(norm);
+              s[0] += (norm + eta) * (norm + eta) * sq[1];
+              continue;
+            }
+            norms[r] = row_norm<acc_t>(x, fsize);
+            const acc_t t = static_cast<acc_t>(norms[r]) + eta;
+            lane_sums<acc_t, 1>(0, fsize, s, [t, y](int64_t k) {
+              const acc_t tg = t * static_cast<acc_t>(y[k]);
+              return std::array<acc_t, 1>{tg * tg};
+            });
           }
         },
         std::max<int64_t>(1, kChunk / fsize));
@@ -360,6 +366,27 @@ bool StepPlan::disjoint(const std::vector<View>& views) {
   return true;
 }
 
+// The views of a step's first phase in scratch_: the params with a gradient (with_grad) or trainable,
+// checked; then their saved buffers (made or re-made here only, at the start of a step) and norm buffers.
+// False, with nothing written, when a pass cannot take one of them.
+bool StepPlan::begin_step(bool with_grad) {
+  scratch_.clear();
+  View v;
+  for (int64_t i = 0; i < size(); ++i) {
+    if (with_grad ? !params_[i].grad().defined() : !params_[i].requires_grad()) continue;
+    if (!view_of(i, with_grad, v)) return false;
+    scratch_.push_back(v);
+  }
+  if (!disjoint(scratch_)) return false;
+  for (View& view : scratch_) {
+    const at::Tensor& w = params_[view.i];
+    if (!matches(saved_[view.i], w)) saved_[view.i] = at::empty(w.sizes(), w.options());
+    view.s = saved_[view.i].data_ptr();
+    norms_[view.i].resize(view.rows);
+  }
+  return true;
+}
+
 void StepPlan::record_skip(bool skipped) {
   *skip_flag_.data_ptr<bool>() = skipped;
   *skip_count_.data_ptr<int64_t>() += skipped ? 1 : 0;
@@ -370,21 +397,7 @@ int64_t StepPlan::sam_first_step(const std::vector<double>& rhos, const std::vec
   TORCH_CHECK(static_cast<int64_t>(rhos.size()) == num_groups_ && static_cast<int64_t>(etas.size()) == num_groups_,
               "StepPlan.sam_first_step: one rho and one eta per param group");
   TORCH_CHECK(0 <= mode && mode <= 2, "StepPlan.sam_first_step: mode must be 0, 1 or 2");
-  scratch_.clear();
-  View v;
-  for (int64_t i = 0; i < size(); ++i) {
-    if (!params_[i].grad().defined()) continue;
-    if (!view_of(i, true, v)) return -1;
-    scratch_.push_back(v);
-  }
-  if (!disjoint(scratch_)) return -1;
-  // Checked: from here on nothing fails. Saved buffers are (re)made at the start of a step only.
-  for (View& view : scratch_) {
-    const at::Tensor& w = params_[view.i];
-    if (!matches(saved_[view.i], w)) saved_[view.i] = at::empty(w.sizes(), w.options());
-    view.s = saved_[view.i].data_ptr();
-    if (mode == sam::kFilter) norms_[view.i].resize(view.rows);
-  }
+  if (!begin_step(/*with_grad=*/true)) return -1;
   double total = 0;  // pass 1: sum of (t * g)^2, in a fixed order
   for (const View& view : scratch_)
     dispatch(view.dtype, [&](auto tag) {
@@ -406,20 +419,7 @@ int64_t StepPlan::sam_first_step(const std::vector<double>& rhos, const std::vec
 
 int64_t StepPlan::add_noise(const std::vector<double>& gammas, uint64_t seed, int64_t step) {
   TORCH_CHECK(static_cast<int64_t>(gammas.size()) == num_groups_, "StepPlan.add_noise: one gamma per param group");
-  scratch_.clear();
-  View v;
-  for (int64_t i = 0; i < size(); ++i) {
-    if (!params_[i].requires_grad()) continue;
-    if (!view_of(i, false, v)) return -1;
-    scratch_.push_back(v);
-  }
-  if (!disjoint(scratch_)) return -1;
-  for (View& view : scratch_) {
-    const at::Tensor& w = params_[view.i];
-    if (!matches(saved_[view.i], w)) saved_[view.i] = at::empty(w.sizes(), w.options());
-    view.s = saved_[view.i].data_ptr();
-    norms_[view.i].resize(view.rows);
-  }
+  if (!begin_step(/*with_grad=*/false)) return -1;
   const NoiseKey key = noise_key(seed, step);
   for (const View& view : scratch_) {
     dispatch(view.dtype, [&](auto tag) {

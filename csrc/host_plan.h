@@ -58,6 +58,7 @@ class StepPlan {
  private:
   bool view_of(int64_t i, bool with_grad, View& view);
   bool disjoint(const std::vector<View>& views);
+  bool begin_step(bool with_grad);
   void record_skip(bool skipped);
 
   std::vector<at::Tensor> params_;

@@ -99,7 +99,7 @@ SAM_HD acc_t sam_perturbation(acc_t scale, acc_t t, acc_t g, bool p_inf) {
     const acc_t sign = g > acc_t(0) ? acc_t(1) : (g < acc_t(0) ? acc_t(-1) : acc_t(0));
     return scale * t * sign;
   }
-  return scale * t * t * g;
+  return (scale * t) * (t * g);  // not t * t first: t^2 overflows where eps does not
 }
 
 // A skipped (non-finite) step has every scale zero, so eps = 0 * g may be NaN: make it 0.

@@ -132,7 +132,7 @@ def perturb_(
         g = _acc(g)
         scale = scale.to(g.dtype)
         if p == 2:
-            eps = scale * t * t * g
+            eps = (scale * t) * (t * g)  # not t·t first: t² overflows where ε does not
         else:
             eps = scale * t * torch.sign(g)
         w.copy_(_acc(w_saved) + _zero_non_finite(eps))

@@ -138,8 +138,14 @@ class RSAM(SharpnessAwareOptimizer):
 
     def _check_unchanged(self, noised: ParamSelection) -> None:
         """Refuse a first step on weights whose dtype, shape or device changed since noise_step()."""
-        saved = self._saved_of(noised, allocate=False)  # refuses a changed shape
+        saved = noised.saved or [self._step_plan.saved(i) for i in noised.tensor_indices]
         for k, (tensor, buffer) in enumerate(zip(noised.tensors, saved)):
+            if buffer is None or buffer.shape != tensor.shape:
+                was = "nothing" if buffer is None else f"shape {tuple(buffer.shape)}"
+                raise RuntimeError(
+                    f"RSAM.first_step(): {noised.name(k)} changed from {was} to shape {tuple(tensor.shape)} after "
+                    "noise_step(); call restore() (the other weights are put back; this one keeps its new value)"
+                )
             if tensor.dtype != buffer.dtype or tensor.device != buffer.device:
                 raise RuntimeError(
                     f"RSAM.first_step(): {noised.name(k)} changed from {buffer.dtype} on {buffer.device} to "

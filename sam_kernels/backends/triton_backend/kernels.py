@@ -90,7 +90,11 @@ def filter_norm_kernel(
         m = row_mask[:, None] & (c < fsize)[None, :]
         x = tl.load(w + rows[:, None] * fsize + c[None, :], mask=m, other=0.0).to(ACC)
         acc += x * x
-    tl.store(fnorms + tl.load(fnorm_offs + slot) + rows, tl.sqrt(tl.sum(acc, axis=1)), mask=row_mask)
+    norm = tl.sqrt(tl.sum(acc, axis=1))
+    if fsize == 1:  # one-element filters: |w| itself (w² under- or overflows in float32 at the extremes)
+        single = tl.load(w + rows, mask=row_mask, other=0.0).to(ACC)
+        norm = tl.abs(single)
+    tl.store(fnorms + tl.load(fnorm_offs + slot) + rows, norm, mask=row_mask)
 
 
 @triton.jit
@@ -129,7 +133,7 @@ def perturb_kernel(
         direction = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(ACC)
         eps = scale * t * direction
     else:
-        eps = scale * t * t * g
+        eps = (scale * t) * (t * g)  # not t·t first: t² overflows where ε does not
     eps = tl.where(eps - eps == 0, eps, 0.0)  # x − x is 0 exactly when x is finite
     tl.store(w_ptr + offsets, (w + eps).to(W_DTYPE), mask=mask)
 
