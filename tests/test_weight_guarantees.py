@@ -91,3 +91,26 @@ def test_loading_state_into_the_base_optimizer_keeps_one_set_of_groups(optimizer
     opt.param_groups[0]["rho"] = 0.2
     assert opt.base_optimizer.param_groups[0]["rho"] == 0.2
     opt.step(lambda: model(x).pow(2).sum().backward())  # the new groups still carry every SAM key
+
+
+@pytest.mark.parametrize("optimizer_cls,kwargs,_id", [v for v in VARIANTS if v[0] is not sam_kernels.RSAM],
+                         ids=[v[2] for v in VARIANTS if v[0] is not sam_kernels.RSAM])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_low_precision_gradient_is_summed_in_its_weights_precision(optimizer_cls, kwargs, _id, backend):
+    """A float64 weight with a bfloat16 gradient of 1e30: (1e30)² is finite in float64, so no backend skips."""
+    def make():
+        w = nn.Parameter(torch.linspace(0.5, 2.0, 6, dtype=torch.float64).reshape(2, 3))
+        w.grad_dtype = None  # allow a gradient of another dtype (torch >= 2.10)
+        w.grad = torch.tensor([[1e30, 1.0, -2.0], [3.0, -1e29, 0.5]], dtype=torch.bfloat16)
+        return w
+
+    w, twin = make(), make()
+    opt = optimizer_cls([w], torch.optim.SGD, lr=0.0, backend=backend, **kwargs)
+    ref = optimizer_cls([twin], torch.optim.SGD, lr=0.0, backend="reference", **kwargs)
+    before = w.detach().clone()
+    opt.first_step(), ref.first_step()
+    assert bool(opt.found_nonfinite) is False and bool(ref.found_nonfinite) is False
+    assert not torch.equal(w.detach(), before)
+    torch.testing.assert_close(w.detach(), twin.detach(), rtol=1e-5, atol=1e-9)
+    opt.restore()
+    assert torch.equal(w.detach(), before)

@@ -74,6 +74,16 @@ def _in_accumulation_dtype(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [x if x.dtype == accumulation_dtype(x.dtype) else x.float() for x in tensors]
 
 
+def _grads_in_weight_precision(params: Sequence[Tensor], grads: Sequence[Tensor]) -> list[Tensor]:
+    """Each gradient in its *weight's* accumulation dtype (a bfloat16 gradient of a float64 weight is
+    summed in float64, as the reference does: 1e30² is finite there)."""
+    out = []
+    for w, g in zip(params, grads):
+        acc = accumulation_dtype(w.dtype)
+        out.append(g if g.dtype == acc else g.to(acc))
+    return out
+
+
 def _asam_scales(params: Sequence[Tensor], etas: Sequence[float], granularity: str | None) -> list[Tensor]:
     """ASAM's t per tensor in the accumulation dtype (filter-wise: broadcast per tensor)."""
     if granularity == "element":
@@ -90,10 +100,11 @@ def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
 def scaled_grad_sq_sum(
     params: Sequence[Tensor], grads: Sequence[Tensor], *, etas: Sequence[float], granularity: str | None
 ) -> Tensor:
+    grads = _grads_in_weight_precision(params, grads)
     if granularity is None:
         return _sum_of_squares(grads)
     t = _asam_scales(params, etas, granularity)
-    return _sum_of_squares(torch._foreach_mul(t, _in_accumulation_dtype(grads)))
+    return _sum_of_squares(torch._foreach_mul(t, grads))
 
 
 def perturb_(
@@ -109,7 +120,7 @@ def perturb_(
     params, grads, saved = list(params), list(grads), list(saved)
     torch._foreach_copy_(saved, params)
     t = None if granularity is None else _asam_scales(params, etas, granularity)
-    grads = _in_accumulation_dtype(grads)
+    grads = _grads_in_weight_precision(params, grads)
     direction = torch._foreach_sign(grads) if p != 2 else grads
     eps: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
     for (dtype, _), positions in _buckets([(g.dtype, id(s)) for g, s in zip(grads, scales)]).items():
