@@ -96,6 +96,8 @@ struct TensorNoise {
 
 // ------------------------------------------------------------------ kernels
 // ||f_i|| of every filter: a warp per filter (rows_per_block filters per block) or a block per long filter.
+// Squares are summed in double, so a norm is right over the whole range of the dtype (w^2 under- or
+// overflows float32 for |w| < 1e-19 or > 1.8e19) as on every backend (docs/DESIGN.md §4).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     filter_norms_kernel(const __grid_constant__ TensorList<1> m, at::opmath_type<scalar_t>* norms) {
@@ -107,26 +109,26 @@ __global__ void __launch_bounds__(kThreads)
   A* out = norms + m.fnorm_off[t];
   if (m.rows_per_block[t] == 1) {
     const scalar_t* row = w + unit * fsize;
-    A sum[1] = {A(0)};
+    double sum[1] = {0.0};
     for (int64_t k = threadIdx.x; k < fsize; k += blockDim.x) {
-      const A x = static_cast<A>(row[k]);
+      const double x = static_cast<double>(static_cast<A>(row[k]));
       sum[0] += x * x;
     }
-    __shared__ A shared[32];
+    __shared__ double shared[32];
     block_sum<1>(sum, shared);
-    if (threadIdx.x == 0) out[unit] = sqrt_of(sum[0]);
+    if (threadIdx.x == 0) out[unit] = static_cast<A>(sqrt(sum[0]));
     return;
   }
   const int64_t r = unit * m.rows_per_block[t] + (threadIdx.x >> 5);
   if (r >= rows) return;  // whole warps leave together: the shuffles below stay converged
   const scalar_t* row = w + r * fsize;
-  A sum = A(0);
+  double sum = 0.0;
   for (int64_t k = threadIdx.x & 31; k < fsize; k += 32) {
-    const A x = static_cast<A>(row[k]);
+    const double x = static_cast<double>(static_cast<A>(row[k]));
     sum += x * x;
   }
   sum = warp_sum(sum);
-  if ((threadIdx.x & 31) == 0) out[r] = sqrt_of(sum);
+  if ((threadIdx.x & 31) == 0) out[r] = static_cast<A>(sqrt(sum));
 }
 
 // Partial sums of (t * g)^2, one per block. Pointers: w, g. param[0]: eta.

@@ -18,6 +18,19 @@ import pytest  # noqa: E402
 
 _SEED = int(os.environ.get("SAM_KERNELS_TEST_SEED", random.SystemRandom().randrange(2**31)))
 
+try:  # hypothesis profiles for tests/test_properties.py, registered before hypothesis' plugin reads
+    # --hypothesis-profile: "ci" (the default: small, derandomized) and "long" (local soak runs).
+    from hypothesis import HealthCheck
+    from hypothesis import settings as _hypothesis_settings
+
+    _COMMON = dict(deadline=None, print_blob=True,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    _hypothesis_settings.register_profile("ci", max_examples=10, derandomize=True, database=None, **_COMMON)
+    _hypothesis_settings.register_profile("long", max_examples=2000, derandomize=False, **_COMMON)
+    _hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:  # hypothesis is a test dependency; without it test_properties.py skips itself
+    pass
+
 
 def pytest_report_header(config):
     return f"sam_kernels test seed: {_SEED} (set SAM_KERNELS_TEST_SEED={_SEED} to reproduce)"

@@ -38,11 +38,15 @@ def _acc(tensor: Tensor) -> Tensor:
 
 
 def filter_norm(w: Tensor) -> Tensor:
-    """‖f_i‖₂ for filter i = w[i] flattened (ndim ≥ 2); |w_k| when ndim ≤ 1."""
-    w = _acc(w)
+    """‖f_i‖₂ for filter i = w[i] flattened (ndim ≥ 2); |w_k| when ndim ≤ 1.
+
+    Computed in float64 and rounded to the accumulation dtype, so that a norm is right over the whole
+    range of the dtype (float32 squares under- or overflow for |w| < 1e-19 or > 1.8e19).
+    """
+    acc = accumulation_dtype(w.dtype)
     if w.dim() <= 1:
-        return w.abs()
-    return torch.linalg.vector_norm(w.flatten(1), dim=1)
+        return _acc(w).abs()
+    return torch.linalg.vector_norm(_acc(w).double().flatten(1), dim=1).to(acc)
 
 
 def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:

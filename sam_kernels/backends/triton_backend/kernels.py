@@ -83,17 +83,14 @@ def filter_norm_kernel(
     fsize = tl.load(fsizes + slot)
     row_mask = rows < tl.load(n_filters + slot)
     w = _ptr(w_ptrs, slot, W_DTYPE)
-    acc = tl.zeros([ROWS, COLS], ACC)
+    acc = tl.zeros([ROWS, COLS], tl.float64)  # squares in float64: right over the dtype's whole range
     cols = tl.arange(0, COLS).to(tl.int64)
     for col in range(0, fsize, COLS):
         c = col + cols
         m = row_mask[:, None] & (c < fsize)[None, :]
-        x = tl.load(w + rows[:, None] * fsize + c[None, :], mask=m, other=0.0).to(ACC)
+        x = tl.load(w + rows[:, None] * fsize + c[None, :], mask=m, other=0.0).to(ACC).to(tl.float64)
         acc += x * x
-    norm = tl.sqrt(tl.sum(acc, axis=1))
-    if fsize == 1:  # one-element filters: |w| itself (w² under- or overflows in float32 at the extremes)
-        single = tl.load(w + rows, mask=row_mask, other=0.0).to(ACC)
-        norm = tl.abs(single)
+    norm = tl.sqrt(tl.sum(acc, axis=1)).to(ACC)
     tl.store(fnorms + tl.load(fnorm_offs + slot) + rows, norm, mask=row_mask)
 
 
