@@ -1,7 +1,6 @@
 """The host-overhead benchmark runs (CI smoke run: a few repetitions, untimed; numbers come from the script)."""
 
 import pytest
-import torch
 
 import sam_kernels
 import host_overhead

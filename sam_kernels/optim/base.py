@@ -342,6 +342,12 @@ class SharpnessAwareOptimizer(Optimizer):
                 self._nonfinite_count.copy_(count)
             self._cached_plan = None  # a native plan writes the old tensors
 
+    def _perturbed_now(self, zero_grad: bool) -> None:
+        """The end of every first step: the weights are at w + ε."""
+        self._phase = "perturbed"
+        if zero_grad:
+            self.zero_grad()
+
     def _record_skip(self, skipped: Tensor, device: torch.device) -> None:
         """Keep the device-side 'perturbation skipped' flag and count without reading them."""
         self._ensure_skip_tensors(device)

@@ -97,21 +97,17 @@ class RSAM(SharpnessAwareOptimizer):
         self._expect("noised", "first_step()", "call noise_step() before the first forward pass")
         self._check_groups()
         plan = self._step_plan
-        if self._path == "native":
-            values = self._group_values
-            if plan.native.rsam_first_step(values("rho"), values("gamma"), values("lam"), self._seed, self._step) >= 0:
-                self._phase = "perturbed"
-                if zero_grad:
-                    self.zero_grad()
-                return
-            # The native plan cannot take this step (see StepPlan): continue on the generic path.
-            self._perturbed = ParamSelection.of(plan, self.param_groups, plan.native.active())
-            plan.native.clear_active()
-            self._path = "generic"
-        self._generic_first_step(plan)
-        self._phase = "perturbed"
-        if zero_grad:
-            self.zero_grad()
+        values = self._group_values
+        if not (
+            self._path == "native"
+            and plan.native.rsam_first_step(values("rho"), values("gamma"), values("lam"), self._seed, self._step) >= 0
+        ):
+            if self._path == "native":  # the native plan cannot take this step: continue on the generic path
+                self._perturbed = ParamSelection.of(plan, self.param_groups, plan.native.active())
+                plan.native.clear_active()
+                self._path = "generic"  # before anything can raise: restore() must find the noised params
+            self._generic_first_step(plan)
+        self._perturbed_now(zero_grad)
 
     @torch.no_grad()
     def _generic_first_step(self, plan) -> None:

@@ -58,9 +58,7 @@ class FirstOrderSAM(SharpnessAwareOptimizer):
             self._path = "native"
         else:
             self._generic_first_step(plan)
-        self._phase = "perturbed"
-        if zero_grad:
-            self.zero_grad()
+        self._perturbed_now(zero_grad)
 
     @torch.no_grad()
     def _generic_first_step(self, plan) -> None:
