@@ -19,7 +19,6 @@ import argparse
 import platform
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sam_kernels  # noqa: E402
-from workloads import WORKLOADS  # noqa: E402
+from harness import time_ms  # noqa: E402
+from workloads import WORKLOADS, make_params_and_grads  # noqa: E402
 
 SCALE = 1 / 64
 VARIANTS = {
@@ -39,23 +39,8 @@ TARGETS = {"SAM": 0.08, "ASAM-filter": 0.12, "R-SAM": 0.4}
 MARKER = "<!-- host-overhead -->"
 
 
-def _params(shapes):
-    params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    return params
-
-
-def median_us(fn, runs: int) -> float:
-    for _ in range(max(3, runs // 10)):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2] * 1e6
+def _median_us(fn, runs: int) -> float:
+    return 1e3 * time_ms(fn, torch.device("cpu"), warmup=max(3, runs // 10), reps=runs)
 
 
 def step_of(opt):
@@ -75,14 +60,14 @@ def measure(backend: str = "cpp", runs: int = 200) -> list[dict]:
     rows = []
     for workload, shapes_of in WORKLOADS.items():
         shapes = shapes_of(SCALE)
-        params = _params(shapes)
+        params = make_params_and_grads(shapes)
         sgd = torch.optim.SGD(params, lr=0.0, momentum=0.9, foreach=True)
-        base_us = median_us(sgd.step, runs)
+        base_us = _median_us(sgd.step, runs)
         row = {"workload": workload, "tensors": len(shapes), "elements": sum(p.numel() for p in params),
                "sgd_us": base_us}
         for name, (cls, kwargs) in VARIANTS.items():
             opt = cls(params, torch.optim.SGD, lr=0.0, backend=backend, **kwargs)
-            row[name] = median_us(step_of(opt), runs)
+            row[name] = _median_us(step_of(opt), runs)
         rows.append(row)
     return rows
 
