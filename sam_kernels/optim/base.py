@@ -57,9 +57,8 @@ class ParamSelection:
 
     # Process group over which global sums are all-reduced (sharded params), else None.
     group: object = None
-    # The saved-copy buffers of `params`, looked up once per step (see _saved_of).
+    # The saved-copy buffers of `params`, looked up once per step (see _allocate_saved, _saved_now).
     saved: list[Tensor] | None = None
-    # The position of each param in the optimizer's StepPlan (its tensor number j).
     # Whether any param is a DTensor (FSDP2): only then do gradients need their local shard taken.
     sharded: bool = False
 
@@ -231,18 +230,16 @@ class SharpnessAwareOptimizer(Optimizer):
         plan = self._cached_plan
         if plan is not None and plan.key == structure_key(self.param_groups):
             return plan
-        native = None
+        plan = StepPlan(self.param_groups)
         device = StepPlan.device_of(self.param_groups)
-        if device is not None:
-            impl = self._backend_for(device)
-            make_plan = getattr(impl, "make_plan", None)
-            params = [p for group in self.param_groups for p in group["params"]]
-            if make_plan is not None and not any(is_sharded(p) for p in params):
-                self._ensure_skip_tensors(device)
-                group_of = [g for g, group in enumerate(self.param_groups) for _ in group["params"]]
-                native = make_plan(params, group_of, len(self.param_groups), self._nonfinite, self._nonfinite_count)
-        self._cached_plan = StepPlan(self.param_groups, native)
-        return self._cached_plan
+        make_plan = getattr(self._backend_for(device), "make_plan", None) if device is not None else None
+        if make_plan is not None and not plan.sharded:
+            self._ensure_skip_tensors(device)
+            plan.native = make_plan(
+                plan.params, plan.group_of, len(self.param_groups), self._nonfinite, self._nonfinite_count
+            )
+        self._cached_plan = plan
+        return plan
 
     def _backend_for(self, device: torch.device):
         try:
@@ -297,33 +294,29 @@ class SharpnessAwareOptimizer(Optimizer):
         check_memory(selection.tensors, selection.name, owner)
         return selection
 
-    def _saved_of(self, selection: ParamSelection, *, allocate: bool) -> list[Tensor]:
-        """The saved copies of a selection's params, kept on the selection for the rest of the step.
+    def _allocate_saved(self, selection: ParamSelection) -> list[Tensor]:
+        """At the start of a step: a saved buffer for each param of ``selection``, kept on it for the step.
 
-        ``allocate``: at the start of a step, a buffer that does not match its
-        weight is replaced. Mid-step a buffer is never replaced (it holds the
-        weights to put back): a weight whose shape changed since is refused here.
+        A buffer that does not match its weight (shape, dtype, device) is replaced here, and only here.
         """
-        if selection.saved is not None:
-            return selection.saved
         plan = self._step_plan
         copies = []
-        for k, (index, tensor) in enumerate(zip(selection.tensor_indices, selection.tensors)):
+        for index, tensor in zip(selection.tensor_indices, selection.tensors):
             buffer = plan.saved(index)
-            fits = buffer is not None and buffer.shape == tensor.shape and buffer.dtype == tensor.dtype
-            fits = fits and buffer.device == tensor.device
-            if allocate and not fits:
+            if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (tensor.shape, tensor.dtype,
+                                                                                   tensor.device):
                 buffer = torch.empty_like(tensor, memory_format=torch.preserve_format)
                 plan.set_saved(index, buffer)
-            elif buffer is None or buffer.shape != tensor.shape:
-                was = "no saved copy" if buffer is None else f"shape {tuple(buffer.shape)}"
-                raise RuntimeError(
-                    f"{type(self).__name__}: {selection.name(k)} changed during the step (saved with {was}, "
-                    f"now shape {tuple(tensor.shape)}); its saved weights cannot be put back"
-                )
             copies.append(buffer)
         selection.saved = copies
         return copies
+
+    def _saved_now(self, selection: ParamSelection) -> list[Tensor | None]:
+        """Mid-step: the saved buffers of ``selection``'s params as they are (they hold the weights to put
+        back, so they are never replaced; callers compare them with the weights)."""
+        if selection.saved is None:
+            selection.saved = [self._step_plan.saved(i) for i in selection.tensor_indices]
+        return selection.saved
 
     # ------------------------------------------------------------ protocol
     def _expect(self, phase: str, call: str, hint: str) -> None:
@@ -393,8 +386,7 @@ class SharpnessAwareOptimizer(Optimizer):
         whose shape changed cannot be put back: the others are restored, then that one is named in an error."""
         if not selection.params:
             return
-        plan = self._step_plan
-        saved = selection.saved or [plan.saved(i) for i in selection.tensor_indices]
+        saved = self._saved_now(selection)
         same, convert, refused = [], [], []
         for k, (tensor, buffer) in enumerate(zip(selection.tensors, saved)):
             if buffer is None or buffer.shape != tensor.shape:

@@ -35,7 +35,7 @@ def structure_key(param_groups: Sequence[dict]) -> tuple:
 class StepPlan:
     """The params of ``param_groups`` in stable order, with their saved buffers and the backend's own plan."""
 
-    def __init__(self, param_groups: Sequence[dict], native: Any = None) -> None:
+    def __init__(self, param_groups: Sequence[dict]) -> None:
         self.key = structure_key(param_groups)
         self.params: list[Tensor] = [p for group in param_groups for p in group["params"]]
         self.group_of: list[int] = [g for g, group in enumerate(param_groups) for _ in group["params"]]
@@ -44,15 +44,11 @@ class StepPlan:
         ]
         self.sharded = any(is_sharded(p) for p in self.params)
         # The backend's whole-step plan (None: every phase runs through the functional layer).
-        self.native = native
+        self.native: Any = None
         self._saved: list[Tensor | None] = [None] * len(self.params)
 
     def __len__(self) -> int:
         return len(self.params)
-
-    def name(self, i: int) -> str:
-        group_number, param_number = self.positions[i]
-        return f"param_groups[{group_number}]['params'][{param_number}]"
 
     def saved(self, i: int) -> Tensor | None:
         """The buffer holding param ``i``'s weights (its local shard) during a step, if one exists."""

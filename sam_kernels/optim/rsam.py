@@ -84,7 +84,7 @@ class RSAM(SharpnessAwareOptimizer):
     @torch.no_grad()
     def _generic_noise_step(self, plan) -> None:
         selection = self._select(plan, needs_grad=False)
-        F.add_noise_(selection.tensors, self._saved_of(selection, allocate=True), **self._stream(selection))
+        F.add_noise_(selection.tensors, self._allocate_saved(selection), **self._stream(selection))
         self._perturbed = selection
         self._path = "generic"
 
@@ -121,7 +121,7 @@ class RSAM(SharpnessAwareOptimizer):
         self._restore_generic(dropped)
         selection = noised.subset(keep)
         params, grads = selection.tensors, selection.grads
-        saved = self._saved_of(selection, allocate=False)
+        saved = self._saved_now(selection)  # checked by _check_unchanged
         if params:
             stream = self._stream(selection)
             sums = selection.all_reduce_(F.noise_grad_sums(grads, saved, lams=selection.per_tensor("lam"), **stream))
@@ -134,7 +134,7 @@ class RSAM(SharpnessAwareOptimizer):
 
     def _check_unchanged(self, noised: ParamSelection) -> None:
         """Refuse a first step on weights whose dtype, shape or device changed since noise_step()."""
-        saved = noised.saved or [self._step_plan.saved(i) for i in noised.tensor_indices]
+        saved = self._saved_now(noised)
         for k, (tensor, buffer) in enumerate(zip(noised.tensors, saved)):
             if buffer is None or buffer.shape != tensor.shape:
                 was = "nothing" if buffer is None else f"shape {tuple(buffer.shape)}"

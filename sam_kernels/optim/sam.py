@@ -63,7 +63,7 @@ class FirstOrderSAM(SharpnessAwareOptimizer):
     @torch.no_grad()
     def _generic_first_step(self, plan) -> None:
         selection = self._select(plan, needs_grad=True)
-        saved = self._saved_of(selection, allocate=True)
+        saved = self._allocate_saved(selection)
         grads = selection.grads
         etas = self._etas(selection)
         if selection.params:
