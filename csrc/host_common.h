@@ -111,6 +111,9 @@ inline void lane_sums(int64_t begin, int64_t end, std::array<acc_t, N>& out, Ter
   }
 }
 
+// Whether a float32 sum of squares is well inside float32's range (neither under- nor overflowed).
+inline bool squares_in_range(double sum) { return sum > 1e-30 && sum < 1e30; }
+
 // ||x||_2 of n contiguous values: squares summed in lanes in the accumulation type; when that sum
 // leaves float32's safe range (w^2 under- or overflowing at the extremes of the dtype), once more with
 // the squares in double. A one-element filter's norm is |x| itself.
@@ -123,7 +126,7 @@ double row_norm(const scalar_t* x, int64_t n) {
     return std::array<acc_t, 1>{a * a};
   });
   const double s = static_cast<double>(sq[0]);
-  if (s > 1e-30 && s < 1e30) return std::sqrt(s);
+  if (squares_in_range(s)) return std::sqrt(s);
   std::array<double, 1> wide{};
   lane_sums<double, 1>(0, n, wide, [x](int64_t k) {
     const double a = static_cast<double>(static_cast<acc_t>(x[k]));

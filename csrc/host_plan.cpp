@@ -7,10 +7,9 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <algorithm>
-#include <type_traits>
 #include <utility>
 
 #include "host_common.h"
@@ -126,8 +125,7 @@ double sam_sum(const View& v, int mode, double eta_value, double* norms) {
               const acc_t a = static_cast<acc_t>(x[k]), b = static_cast<acc_t>(y[k]);
               return std::array<acc_t, 2>{a * a, b * b};
             });
-            const bool safe = fsize > 1 && sq[0] > acc_t(1e-30) && sq[0] < acc_t(1e30) &&
-                              sq[1] > acc_t(1e-30) && sq[1] < acc_t(1e30) && eta < 1e15;
+            const bool safe = fsize > 1 && squares_in_range(sq[0]) && squares_in_range(sq[1]) && eta < 1e15;
             if (safe) {
               const acc_t norm = std::sqrt(sq[0]);
               norms[r] = static_cast<double>(norm);
@@ -190,7 +188,6 @@ void sam_perturb(const View& v, double eta_value, double scale_value, const doub
 
 template <typename scalar_t>
 void sam_perturb_any(const View& v, int mode, bool p_inf, double eta, double scale, const double* norms) {
-  using std::integral_constant;
   const int m = mode == sam::kFilter && !v.fsize ? int(sam::kElement) : mode;
 #define SAM_PERTURB_CASE(M)                                                 \
   case M:                                                                   \

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .backends import resolve_backend
-from .backends.operations import call
+from .backends.operations import call, device_of
 from .noise import NoiseStream
 
 NORM_GUARD = 1e-12
@@ -54,10 +54,7 @@ FloatOrSeq = float | Sequence[float]
 
 def resolve(backend: str, *lists: Sequence[Tensor]):
     """The backend implementation for these tensors (``auto`` picks the fastest available)."""
-    devices = {t.device for tensors in lists for t in tensors}
-    if len(devices) > 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    return resolve_backend(backend, devices.pop() if devices else torch.device("cpu"))
+    return resolve_backend(backend, device_of(*lists))
 
 
 def filter_norms(tensors: Sequence[Tensor], *, backend: str = "auto") -> list[Tensor]:

@@ -18,6 +18,7 @@ its readable form.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,10 +59,12 @@ OPERATIONS: dict[str, Operation] = {
 }
 
 
-def _device_of(op: Operation, lists: dict[str, list[Tensor]]) -> torch.device:
-    devices = {t.device for tensors in lists.values() for t in tensors}
+def device_of(*lists: Sequence[Tensor], what: str = "") -> torch.device:
+    """The one device of every tensor of the lists (CPU when there is none); ValueError when several."""
+    devices = {t.device for tensors in lists for t in tensors}
     if len(devices) > 1:
-        raise ValueError(f"{op.name}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+        where = f"{what}: " if what else ""
+        raise ValueError(f"{where}all tensors must be on one device, got {sorted(str(d) for d in devices)}")
     return devices.pop() if devices else torch.device("cpu")
 
 
@@ -152,7 +155,7 @@ def call(name: str, backend: str, arguments: dict[str, Any]):
 
     op = OPERATIONS[name]
     count, args = check_arguments(op, arguments)
-    device = _device_of(op, {k: args[k] for k in op.tensor_lists})
+    device = device_of(*(args[k] for k in op.tensor_lists), what=op.name)
     impl = resolve_backend(backend, device)
     if count == 0:
         return _empty_result(op, device)
@@ -183,11 +186,4 @@ def missing(impl: Any) -> list[str]:
     return [name for name in OPERATIONS if getattr(impl, name, None) is None]
 
 
-def declared_signature(op: Operation) -> str:
-    """One line describing an operation's arguments, for docs and error messages."""
-    parts = list(op.tensor_lists) + list(op.device_scalars)
-    keywords = list(op.per_tensor_floats) + list(op.options) + (["stream"] if op.noise else [])
-    return f"{op.name}({', '.join(parts)}{', *, ' + ', '.join(keywords) if keywords else ''}) -> {op.returns}"
-
-
-__all__ = ["Operation", "OPERATIONS", "call", "check_arguments", "implementation", "missing", "declared_signature"]
+__all__ = ["Operation", "OPERATIONS", "call", "check_arguments", "implementation", "missing", "device_of"]
