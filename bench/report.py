@@ -30,9 +30,8 @@ from harness import (  # noqa: E402
     VARIANTS, copy_bandwidth, floor_bytes, memory_use, peer_sam, peer_step_fn, sam_step_fn, time_ms,
 )
 from models import ResNet50, ViTB16  # noqa: E402
+from host_overhead import MARKER as HOST_MARKER  # noqa: E402  (the bounds of host_overhead.py's section)
 from workloads import WORKLOADS, make_params_and_grads, numel  # noqa: E402
-
-HOST_MARKER = "<!-- host-overhead -->"  # bench/host_overhead.py's section
 
 PEERS = {"sam": False, "asam-element-p2": True}  # pytorch-optimizer SAM(adaptive=...) counterpart
 
