@@ -27,20 +27,11 @@ SAM_NOISE_CLONES void standard_normals(float* out, int64_t e0, int64_t n, uint32
     c2[b] = j;
     c3[b] = step;
   }
-  uint64_t key0 = k0, key1 = k1;
+  uint32_t key0 = k0, key1 = k1;
   for (int round = 0; round < 10; ++round) {
-    for (int b = 0; b < blocks; ++b) {
-      const uint64_t p0 = static_cast<uint64_t>(sam::kPhiloxM0) * c0[b];
-      const uint64_t p1 = static_cast<uint64_t>(sam::kPhiloxM1) * c2[b];
-      const uint64_t n0 = (p1 >> 32) ^ c1[b] ^ key0;
-      const uint64_t n2 = (p0 >> 32) ^ c3[b] ^ key1;
-      c1[b] = p1 & 0xFFFFFFFFu;
-      c3[b] = p0 & 0xFFFFFFFFu;
-      c0[b] = n0;
-      c2[b] = n2;
-    }
-    key0 = (key0 + sam::kPhiloxW0) & 0xFFFFFFFFu;
-    key1 = (key1 + sam::kPhiloxW1) & 0xFFFFFFFFu;
+    for (int b = 0; b < blocks; ++b) sam::philox_round(c0[b], c1[b], c2[b], c3[b], key0, key1);
+    key0 += sam::kPhiloxW0;
+    key1 += sam::kPhiloxW1;
   }
   // Stage 2: Box-Muller on (u0, u1) and (u2, u3) of each block.
   float z[kBlocks * 4];

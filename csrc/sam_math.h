@@ -26,23 +26,28 @@ struct Uint4 {
   uint32_t x[4];
 };
 
-SAM_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
-  const uint64_t product = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
-  hi = static_cast<uint32_t>(product >> 32);
-  lo = static_cast<uint32_t>(product);
+// One Philox4x32 round on the words (c0, c1, c2, c3) with round key (k0, k1):
+// (hi0, lo0) = M0 * c0, (hi1, lo1) = M1 * c2 (64-bit products); c <- (hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0).
+// Word is uint32_t, or uint64_t holding a 32-bit word (the host's batched stream keeps words in 64-bit
+// SIMD lanes so that each product is one vector multiply).
+template <typename Word>
+SAM_HD void philox_round(Word& c0, Word& c1, Word& c2, Word& c3, uint32_t k0, uint32_t k1) {
+  const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
+  const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;
+  const Word n0 = static_cast<Word>((p1 >> 32) ^ c1 ^ k0);
+  const Word n2 = static_cast<Word>((p0 >> 32) ^ c3 ^ k1);
+  c1 = static_cast<Word>(p1 & 0xFFFFFFFFu);
+  c3 = static_cast<Word>(p0 & 0xFFFFFFFFu);
+  c0 = n0;
+  c2 = n2;
 }
 
 // Philox4x32-10 (Salmon et al. 2011): 10 rounds, the key bumped by (W0, W1) between rounds.
 SAM_HD Uint4 philox4x32_10(Uint4 c, uint32_t k0, uint32_t k1) {
   for (int round = 0; round < 10; ++round) {
-    if (round) {
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo32(kPhiloxM0, c.x[0], hi0, lo0);
-    mulhilo32(kPhiloxM1, c.x[2], hi1, lo1);
-    c = Uint4{{hi1 ^ c.x[1] ^ k0, lo1, hi0 ^ c.x[3] ^ k1, lo0}};
+    philox_round(c.x[0], c.x[1], c.x[2], c.x[3], k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
   }
   return c;
 }
