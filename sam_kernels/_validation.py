@@ -43,6 +43,43 @@ def check_seed(seed) -> int:
     return seed
 
 
+def param_of(item):
+    """The tensor of a params entry: a tensor, or a (name, tensor) pair of ``named_parameters()``."""
+    return item[1] if isinstance(item, tuple) else item
+
+
+def check_param_groups(groups: list[dict], owner: str, *, taken: set[int] | None = None) -> None:
+    """No parameter listed twice (in one group or across groups) and none complex.
+
+    A parameter listed twice would be perturbed twice and restored once; complex
+    weights have no ε defined here (torch.optim treats them as real pairs, these
+    optimizers do not). ``taken``: ids of params already in the optimizer.
+    """
+    seen: dict[int, tuple[int, int]] = {}
+    for g, group in enumerate(groups):
+        params = group["params"]
+        for k, item in enumerate([params] if isinstance(params, torch.Tensor) else params):
+            param = param_of(item)
+            where = f"param_groups[{g}]['params'][{k}]"
+            if id(param) in seen or (taken is not None and id(param) in taken):
+                first = seen.get(id(param))
+                also = f" (also param_groups[{first[0]}]['params'][{first[1]}])" if first else " (already added)"
+                raise ValueError(
+                    f"{owner}: {where} appears more than once{also}; each weight is perturbed and restored once "
+                    "per step, so list every parameter once"
+                )
+            seen[id(param)] = (g, k)
+            check_real(param, where, owner)
+
+
+def check_real(param: torch.Tensor, where: str, owner: str) -> None:
+    if param.is_complex():
+        raise ValueError(
+            f"{owner}: {where} is complex ({param.dtype}); complex parameters are unsupported "
+            "(view them as real pairs with torch.view_as_real and optimize those)"
+        )
+
+
 def check_gradients(params: list[torch.Tensor], name_of: Callable[[int], str], owner: str) -> None:
     """Sparse gradients, gradients that do not match their weight, and mixed devices.
 
@@ -52,6 +89,8 @@ def check_gradients(params: list[torch.Tensor], name_of: Callable[[int], str], o
     devices = set()
     for i, param in enumerate(params):
         grad = param.grad
+        if param.is_complex() or grad.is_complex():
+            check_real(param if param.is_complex() else grad, name_of(i), owner)
         if grad.is_sparse:
             raise RuntimeError(f"{owner} does not support sparse gradients ({name_of(i)})")
         if grad.shape != param.shape or grad.device != param.device:

@@ -44,3 +44,33 @@ def scaler_step(optimizer: "SharpnessAwareOptimizer", scaler: "torch.amp.GradSca
         for found_inf in scaler._per_optimizer_states[id(base)]["found_inf_per_device"].values():
             found_inf.add_(first_pass_overflow.to(device=found_inf.device, dtype=found_inf.dtype))
     return scaler.step(base)
+
+
+def unscale_for_grad_scaler(optimizer: "SharpnessAwareOptimizer") -> bool:
+    """Whether the base step may run, when ``GradScaler.step(opt)`` is what called ``opt.step()``.
+
+    The optimizers declare ``_step_supports_amp_scaling``, so ``GradScaler.step(opt)``
+    (Lightning's ``precision="16-mixed"`` calls it) does not skip ``opt.step()`` on
+    overflow — which would leave the weights perturbed — but calls it with
+    ``opt.grad_scale`` (the scale still on the gradients, or None once unscaled)
+    and ``opt.found_inf`` set. Here the gradients are unscaled and the base step is
+    skipped on overflow in either pass. Reading the overflow flag synchronises
+    with the device, as ``GradScaler.step`` itself does. Without those attributes
+    (every other call) the base step runs.
+    """
+    found_inf = optimizer.__dict__.get("found_inf")
+    if found_inf is None:
+        return True
+    grad_scale = optimizer.__dict__.get("grad_scale")
+    if grad_scale is not None:
+        inv_scale = grad_scale.double().reciprocal().float()
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for grad in grads:
+            by_device.setdefault(grad.device, []).append(grad)
+        for device, same_device in by_device.items():
+            torch._foreach_mul_(same_device, inv_scale.to(device))
+    overflow = found_inf.float().sum()
+    if optimizer.found_nonfinite is not None:
+        overflow = overflow + optimizer.found_nonfinite.to(overflow.device, overflow.dtype)
+    return not bool(overflow)

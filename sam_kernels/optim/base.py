@@ -14,7 +14,11 @@ is in :mod:`sam_kernels.functional`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,11 +28,16 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import functional as F
-from .amp import scaler_step
+from .amp import scaler_step, unscale_for_grad_scaler
 from ..backends import resolve_backend
+from ..batchnorm import frozen_running_stats
+from . import hooks
 from .plan import StepPlan, structure_key
 from .sharding import all_reduce_sum_, is_sharded, local, shard_of
-from .._validation import check_backend, check_gradients, check_memory, check_non_negative, check_single_device
+from .._validation import (
+    check_backend, check_gradients, check_memory, check_non_negative, check_param_groups, check_real,
+    check_single_device, param_of,
+)
 
 _EXTRA_STATE_KEY = "sam_kernels"
 
@@ -99,6 +108,9 @@ class ParamSelection:
 class SharpnessAwareOptimizer(Optimizer):
     """Base class: wraps ``base_optimizer`` (a class plus its kwargs, or an instance over the same params)."""
 
+    # GradScaler.step(opt) calls step() even on overflow, with grad_scale/found_inf set (amp.py).
+    _step_supports_amp_scaling = True
+
     def __init__(
         self,
         params: Iterable,
@@ -131,6 +143,11 @@ class SharpnessAwareOptimizer(Optimizer):
                 f"base_optimizer must be a torch.optim.Optimizer subclass or instance, got {base_optimizer!r}"
             )
         self._link_base()
+        # The base optimizer's defaults (momentum, betas, lr, ...) show through, as schedulers expect
+        # (OneCycleLR/CyclicLR look for momentum or betas here); our own keys win.
+        self.defaults = {**self.base_optimizer.defaults, **self._own_defaults}
+        for stale in ("_initial_param_groups", "_initial_state"):  # Optimizer.__init__'s, now the base's
+            self.__dict__.pop(stale, None)
         self._phase = "idle"
         self._perturbed = ParamSelection()
         # "native": the last phase ran in the backend's own step plan; "generic": through the functional layer.
@@ -139,6 +156,10 @@ class SharpnessAwareOptimizer(Optimizer):
         self._step_plan: StepPlan | None = None  # the plan of the step under way
         self._nonfinite: Tensor | None = None
         self._nonfinite_count: Tensor | None = None
+        self._step_hooks_open = False  # the pre hooks fired for the step under way, the post hooks not yet
+        self._left_grads: list[tuple[weakref.ref, int]] | None = None  # the grads step(closure) left behind
+        self._warned_grads = False
+        self._second_pass_model: torch.nn.Module | None = None
 
     # ----------------------------------------------------------- construction
     def _check_no_key_clash(self, base: Optimizer) -> None:
@@ -152,7 +173,8 @@ class SharpnessAwareOptimizer(Optimizer):
     def _adopt_instance(self, params: list, base: Optimizer) -> None:
         """Share an existing base optimizer's groups; SAM keys given in ``params`` dicts win."""
         given = params if params and isinstance(params[0], dict) else [{"params": params}]
-        as_set = lambda ps: {id(p) for p in ([ps] if isinstance(ps, Tensor) else ps)}  # noqa: E731
+        as_set = lambda ps: {id(param_of(p)) for p in ([ps] if isinstance(ps, Tensor) else ps)}  # noqa: E731
+        check_param_groups(base.param_groups, type(self).__name__)
         base_ids = set().union(*(as_set(g["params"]) for g in base.param_groups))
         given_ids = set().union(*(as_set(g["params"]) for g in given))
         if base_ids != given_ids:
@@ -210,12 +232,19 @@ class SharpnessAwareOptimizer(Optimizer):
             check_non_negative(key, group[key], owner="a param group")
 
     def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):  # a generator is read once, here
+            param_group["params"] = list(params)
         if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
+            check_param_groups([param_group], type(self).__name__,
+                               taken={id(p) for g in self.param_groups for p in g["params"]})
             self._check_group_values(param_group)
             super().add_param_group(param_group)
             return
         if self._phase != "idle":
             raise RuntimeError(f"add_param_group() called while {_PHASE_TEXT[self._phase]}; call it between steps")
+        check_param_groups([param_group], type(self).__name__,
+                           taken={id(p) for g in self.param_groups for p in g["params"]})
         self._fill_and_check_group(param_group)
         self.base_optimizer.add_param_group(param_group)
 
@@ -258,7 +287,8 @@ class SharpnessAwareOptimizer(Optimizer):
                     break
 
     def _begin(self) -> StepPlan:
-        """Start a step: check the groups' hyperparameters, fix the plan this step uses."""
+        """Start a step: fire the step pre hooks, check the groups' hyperparameters, fix the plan this step uses."""
+        self._open_step_hooks()
         self._check_groups()
         self._step_plan = self._plan()
         return self._step_plan
@@ -275,6 +305,9 @@ class SharpnessAwareOptimizer(Optimizer):
             takes_part = param.grad is not None if needs_grad else param.requires_grad
             if not takes_part:
                 continue
+            if param.is_complex():  # became complex after construction (p.data = ...)
+                check_real(param, f"param_groups[{plan.positions[index][0]}]['params'][{plan.positions[index][1]}]",
+                           type(self).__name__)
             selection.params.append(param)
             selection.positions.append(plan.positions[index])
             offset = 0
@@ -364,7 +397,14 @@ class SharpnessAwareOptimizer(Optimizer):
 
     @torch.compiler.disable
     def restore(self) -> None:
-        """Put back the saved weights (undo noise_step()/first_step()) without a base step."""
+        """Put back the saved weights (undo noise_step()/first_step()) without a base step.
+
+        The step is abandoned: its post hooks do not fire.
+        """
+        self._step_hooks_open = False
+        self._put_back()
+
+    def _put_back(self) -> None:
         if self._phase != "idle":
             try:
                 if self._path == "native":
@@ -417,16 +457,18 @@ class SharpnessAwareOptimizer(Optimizer):
         once, skipped on overflow in either pass); call ``scaler.update()`` after.
         """
         self._expect("perturbed", "second_step()", "call first_step() after the first backward pass")
-        self.restore()
+        self._put_back()
         self._before_base_step()
-        if scaler is None:
-            self.base_optimizer.step()
-        else:
-            scaler_step(self, scaler)
+        with hooks.global_hooks_silenced():  # one SAM step fires the global step hooks once (hooks.py)
+            if scaler is not None:
+                scaler_step(self, scaler)
+            elif unscale_for_grad_scaler(self):  # GradScaler.step(opt) called step(): its unscale and skip
+                self.base_optimizer.step()
         self._opt_called = True  # tells torch LR schedulers that the optimizer stepped
         self._after_second_step()
         if zero_grad:
             self.zero_grad()
+        self._close_step_hooks()
 
     def _before_base_step(self) -> None:
         """Hook: the weights are restored and ``.grad`` holds g_sam; the base step comes next
@@ -442,31 +484,102 @@ class SharpnessAwareOptimizer(Optimizer):
         raise NotImplementedError
 
     @torch.compiler.disable
+    @hooks.mark_hooks_handled  # this class fires the step hooks itself (hooks.py)
     def step(self, closure: Callable[[], Any] | None = None, scaler: "torch.amp.GradScaler | None" = None) -> Any:  # type: ignore[override]
         """One whole sharpness-aware step; ``closure`` runs forward + backward and returns the loss.
 
-        Gradients are cleared before each of the (two) closure calls. Returns the
-        loss of the first call (at the unperturbed weights, or ŵ for R-SAM).
-        With AMP, the closure backpropagates ``scaler.scale(loss)`` and the
-        scaler is passed here (see :meth:`second_step`).
+        Gradients are cleared before each of the (two) closure calls, so gradients
+        already in ``.grad`` are discarded (with a warning: accumulate with the
+        explicit API). Returns the loss of the first call (at the unperturbed
+        weights, or ŵ for R-SAM). With AMP, the closure backpropagates
+        ``scaler.scale(loss)`` and the scaler is passed here (see :meth:`second_step`).
+        See :meth:`freeze_running_stats_in_second_pass` for BatchNorm.
+
+        After :meth:`first_step` and the second backward, ``step()`` finishes the
+        step instead: it calls ``closure`` once if one is given (as torch's
+        optimizers do; Lightning's manual optimization passes one that runs its
+        hooks), then :meth:`second_step`. This is how frameworks that own the
+        ``optimizer.step()`` call (Lightning, ``GradScaler.step(opt)``) run SAM.
         """
+        if self._phase == "perturbed":
+            if closure is not None:
+                with torch.enable_grad():
+                    closure()
+            return self.second_step(scaler=scaler)
         if closure is None:
             raise RuntimeError(
-                f"{type(self).__name__}.step() needs a closure that runs forward and backward and returns "
-                "the loss (it is called twice); or use first_step()/second_step() explicitly"
+                f"{type(self).__name__}.step() needs a closure that runs forward and backward and returns the loss "
+                "(it is called twice); or run the step explicitly: first_step() after the first backward, then "
+                "step() or second_step() after the second (with a framework's GradScaler, e.g. Lightning's "
+                "precision='16-mixed', use manual optimization that way)"
             )
+        self._expect("idle", "step()", "call second_step() to finish the step under way, or restore()")
+        args, kwargs = hooks.fire_pre_hooks(self, (self, closure), {"scaler": scaler} if scaler is not None else {})
+        self._step_hooks_open = True
+        _, closure, *rest = args
+        scaler = kwargs.get("scaler", rest[0] if rest else None)
+        self._warn_if_gradients_were_given()
         closure = torch.enable_grad()(closure)
+        second_pass = (frozen_running_stats(self._second_pass_model) if self._second_pass_model is not None
+                       else contextlib.nullcontext())
         try:
             self._before_first_forward()
             self.zero_grad()
             loss = closure()
             self.first_step(zero_grad=True)
-            closure()
+            with second_pass:
+                closure()
             self.second_step(scaler=scaler)
         except BaseException:
             self.restore()
             raise
+        self._remember_left_grads()
         return loss
+
+    def freeze_running_stats_in_second_pass(self, model: torch.nn.Module | None) -> None:
+        """Make :meth:`step` run its second closure call under :func:`sam_kernels.frozen_running_stats`:
+        BatchNorm running statistics then only see the first pass (``None`` undoes it)."""
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"freeze_running_stats_in_second_pass() takes an nn.Module or None, got {model!r}")
+        self._second_pass_model = model
+
+    # ------------------------------------------------------------ step hooks
+    def _open_step_hooks(self) -> None:
+        """The first call of a step (first_step, or noise_step): the pre hooks fire, once."""
+        if not self._step_hooks_open:
+            hooks.fire_pre_hooks(self, (self,), {})  # explicit API: new args a hook returns have no use here
+            self._step_hooks_open = True
+
+    def _close_step_hooks(self) -> None:
+        if self._step_hooks_open:
+            self._step_hooks_open = False
+            hooks.fire_post_hooks(self, (self,), {})
+
+    # ------------------------------------------------------------ gradients given to step(closure)
+    def _remember_left_grads(self) -> None:
+        self._left_grads = [
+            (weakref.ref(p.grad), p.grad._version) for g in self.param_groups for p in g["params"] if p.grad is not None
+        ]
+
+    def _warn_if_gradients_were_given(self) -> None:
+        """step(closure) clears .grad: warn (once) when it holds gradients that step() did not leave there."""
+        if self._warned_grads:
+            return
+        left = {id(ref()): version for ref, version in (self._left_grads or ()) if ref() is not None}
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = p.grad
+                if grad is not None and left.get(id(grad)) != grad._version:
+                    self._warned_grads = True
+                    warnings.warn(
+                        f"{type(self).__name__}.step(closure) found parameters that already hold gradients "
+                        "(a backward outside the closure: gradient accumulation, or a loop ported from another "
+                        "SAM library); step(closure) clears them and runs both passes itself, so they are "
+                        "discarded. To accumulate, use the explicit API: backward over the micro-batches, "
+                        "first_step(), backward over them again, second_step(). (Warned once.)",
+                        UserWarning, stacklevel=3,
+                    )
+                    return
 
     # --------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict[str, Any]:
@@ -487,25 +600,101 @@ class SharpnessAwareOptimizer(Optimizer):
         self._load_extra_state(state)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict (its param_groups carry SAM's keys) plus SAM's own entry."""
+        """The base optimizer's state dict (its param_groups carry SAM's keys) plus SAM's own entry.
+
+        This optimizer's ``register_state_dict_pre_hook``/``post_hook`` hooks run around it.
+        """
         if self._phase != "idle":
             raise RuntimeError(
                 f"state_dict() called while {_PHASE_TEXT[self._phase]}: a checkpoint would hold perturbed "
                 "weights; call it after second_step() (or call restore() first)"
             )
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self.base_optimizer.state_dict()
         state[_EXTRA_STATE_KEY] = self._extra_state()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._phase != "idle":
             raise RuntimeError(f"load_state_dict() called while {_PHASE_TEXT[self._phase]}; call restore() first")
         state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         extra = state_dict.pop(_EXTRA_STATE_KEY, None)
         self.base_optimizer.load_state_dict(state_dict)
         self._link_base()
         if extra is not None:
             self._load_extra_state(extra)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # ------------------------------------------------------------ copies
+    # What a step caches from the live objects: rebuilt after a copy (and the native plan cannot be pickled).
+    _NOT_COPIED = ("_cached_plan", "_step_plan", "_left_grads")
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything (base optimizer, backend, seed/step, ...) but the caches and, as torch does, the hooks."""
+        if self._phase != "idle":
+            raise RuntimeError(
+                f"cannot copy or pickle {type(self).__name__} while {_PHASE_TEXT[self._phase]}; "
+                "finish the step with second_step() (or restore()) first"
+            )
+        return {
+            key: value for key, value in self.__dict__.items()
+            if key not in self._NOT_COPIED and not key.startswith("_optimizer_")
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        groups, base_state = state.pop("param_groups", None), state.pop("state", None)  # torch's own keys
+        super().__setstate__(state)  # the hook dicts, torch's bookkeeping
+        for key in self._NOT_COPIED:
+            self.__dict__.setdefault(key, None)
+        if groups is not None:
+            self.param_groups = groups
+        if base_state is not None:
+            self.state = base_state
+
+    # ------------------------------------------------------------ wrappers
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _EXPLICIT_API:
+            if name in cls.__dict__:
+                setattr(cls, name, _on_wrapped_optimizer(cls.__dict__[name]))
+        if "step" in cls.__dict__:  # a variant's own step() fires the hooks itself, as this class's does
+            hooks.mark_hooks_handled(cls.__dict__["step"])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(backend={self._backend!r}, base_optimizer={self.base_optimizer!r})"
+
+
+# The step methods a framework's optimizer wrapper may expose (below).
+_EXPLICIT_API = ("noise_step", "first_step", "second_step", "restore")
+
+
+def _on_wrapped_optimizer(method: Callable) -> Callable:
+    """Run ``method`` on the real optimizer when it is called through a wrapper that subclasses the
+    optimizer's class and forwards unknown attributes to it, without its state (Lightning's
+    ``LightningOptimizer``: ``self.optimizers().first_step()`` in a LightningModule)."""
+
+    @functools.wraps(method)
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        if "base_optimizer" not in self.__dict__:
+            inner = getattr(self, "optimizer", None)
+            if isinstance(inner, SharpnessAwareOptimizer) and inner is not self:
+                return getattr(inner, method.__name__)(*args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return run
+
+
+for _name in _EXPLICIT_API:
+    if _name in SharpnessAwareOptimizer.__dict__:
+        setattr(SharpnessAwareOptimizer, _name, _on_wrapped_optimizer(SharpnessAwareOptimizer.__dict__[_name]))
