@@ -376,3 +376,31 @@ def test_checkpoint_with_hooks_round_trips_through_torch_save():
     again = sam_kernels.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
     again.load_state_dict(torch.load(buffer, weights_only=True))
     assert again.defaults["momentum"] == 0.9 and again.defaults["rho"] == 0.05
+
+
+@pytest.mark.parametrize("overflow", [False, True])
+def test_grad_scaler_step_on_the_optimizer_finishes_the_step_like_second_step(overflow):
+    model = _model()
+    twin = copy.deepcopy(model)
+    opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    ref = sam_kernels.SAM(twin.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) for _ in range(2)]
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        x, y = _batch()
+        for o, m, scaler in ((opt, model, scalers[0]), (ref, twin, scalers[1])):
+            o.zero_grad()
+            scaler.scale(nn.functional.cross_entropy(m(x), y)).backward()
+            o.first_step(zero_grad=True)
+            loss = nn.functional.cross_entropy(m(x), y) * (float("inf") if overflow else 1.0)
+            scaler.scale(loss).backward()
+            if o is opt:
+                scaler.step(opt)  # GradScaler calls opt.step() (never skips it: the weights must be put back)
+            else:
+                o.second_step(scaler=scaler)
+            scaler.update()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    unchanged = [torch.equal(a, c) for a, c in zip(model.parameters(), before)]
+    assert all(unchanged) if overflow else not all(unchanged)  # (a bias before BatchNorm has no gradient)
+    assert scalers[0].get_scale() == scalers[1].get_scale()

@@ -200,9 +200,10 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # One list, one dict: ``param_groups`` and ``state`` are the base optimizer's, whatever replaces them
     # (its own load_state_dict, a checkpoint tool writing to it): schedulers and ρ edits reach both.
+    # (getattr, not __dict__: a framework's wrapper that forwards attributes, like Lightning's, sees them too.)
     @property
     def param_groups(self) -> list[dict]:  # type: ignore[override]
-        base = self.__dict__.get("base_optimizer")
+        base = getattr(self, "base_optimizer", None)
         return base.param_groups if base is not None else self.__dict__.setdefault("_initial_param_groups", [])
 
     @param_groups.setter
@@ -215,7 +216,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
     @property
     def state(self):  # type: ignore[override]
-        base = self.__dict__.get("base_optimizer")
+        base = getattr(self, "base_optimizer", None)
         return base.state if base is not None else self.__dict__.setdefault("_initial_state", {})
 
     @state.setter
@@ -676,7 +677,8 @@ class SharpnessAwareOptimizer(Optimizer):
 
 
 # The step methods a framework's optimizer wrapper may expose (below).
-_EXPLICIT_API = ("noise_step", "first_step", "second_step", "restore")
+_EXPLICIT_API = ("noise_step", "first_step", "second_step", "restore", "add_param_group", "state_dict",
+                 "load_state_dict", "freeze_running_stats_in_second_pass")
 
 
 def _on_wrapped_optimizer(method: Callable) -> Callable:
