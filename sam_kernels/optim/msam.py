@@ -1,0 +1,181 @@
+"""Momentum-SAM (Becker et al. 2024, arXiv:2401.12033): SAM's perturbation along the momentum, one pass per step."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import hooks
+from .amp import unscale_for_grad_scaler
+from .base import SharpnessAwareOptimizer
+
+# The base optimizers MSAM knows the momentum of, and the state key that holds it.
+_MOMENTUM_KEY = {torch.optim.SGD: "momentum_buffer", torch.optim.Adam: "exp_avg", torch.optim.AdamW: "exp_avg"}
+
+
+class MSAM(SharpnessAwareOptimizer):
+    r"""Momentum-SAM: the ascent direction is the base optimizer's momentum, so a step takes one
+    forward/backward, and the weights live at the perturbed point between steps.
+
+    With v the momentum (SGD's ``momentum_buffer``, Adam/AdamW's ``exp_avg``) and
+    ŵ = w − c_G · v the weights the model holds between steps, one :meth:`step`
+    (after the backward at ŵ put g = ∇L(ŵ) in ``.grad``) is
+
+    1. w ← ŵ + c_G · v            (undo the last perturbation; c_G = 0 before the first step)
+    2. the base optimizer's step at w with g (v and w updated as torch computes them)
+    3. c_G ← ρ_G / (‖v‖₂ + 1e-12), ‖v‖ over every param with a momentum;  ŵ ← w − c_G · v
+
+    ``rho`` may differ per param group (the norm is global). The base optimizer's
+    weight decay acts at w, as in SAM's base step; the authors' SGD code adds it
+    to the gradient at ŵ instead (a difference of order weight_decay · ρ).
+    The weights are never put back by subtraction for evaluation:
+    :meth:`unperturbed` moves them to w and restores ŵ bit for bit afterwards.
+    No host synchronisation; with ``GradScaler.step(opt)`` the overflow check
+    reads one flag, as the scaler does.
+
+    Args:
+        params: parameters or param-group dicts (``rho`` may be set per group).
+        base_optimizer: ``torch.optim.SGD`` (with momentum > 0), ``Adam`` or ``AdamW``
+            (a class and its ``**base_kwargs``, or an instance over the same params).
+        rho: radius ρ of the perturbation (≥ 0); the paper uses larger values than SAM's
+            (e.g. 0.3 for SGD on CIFAR, 1–3 for AdamW).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        base_optimizer: type[Optimizer] | Optimizer,
+        rho: float = 0.3,
+        *,
+        backend: str = "auto",
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(params, base_optimizer, {"rho": rho}, backend=backend, **base_kwargs)
+        kind = next((cls for cls in _MOMENTUM_KEY if isinstance(self.base_optimizer, cls)), None)
+        if kind is None:
+            raise TypeError(
+                f"MSAM needs the momentum of torch.optim.SGD, Adam or AdamW; got {type(self.base_optimizer).__name__}"
+            )
+        self._momentum_key = _MOMENTUM_KEY[kind]
+        self._check_momentum()
+        # The perturbation the weights carry now: which params (plan positions) and c_G per group.
+        self._moved: list[int] = []
+        self._coefs: Tensor | None = None
+        self._evaluating = False
+
+    def _check_momentum(self) -> None:
+        if self._momentum_key == "momentum_buffer":
+            for g, group in enumerate(self.param_groups):
+                if not group.get("momentum", 0) > 0:
+                    raise ValueError(
+                        f"MSAM perturbs along SGD's momentum: param_groups[{g}] has momentum="
+                        f"{group.get('momentum')!r}; give SGD a momentum > 0"
+                    )
+
+    # ------------------------------------------------------------ the step
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """One MSAM step with the gradient now in ``.grad`` (taken at ŵ); ``closure``, if given, is called
+        once first (under grad mode) to compute it, as with any torch optimizer."""
+        if self._evaluating:
+            raise RuntimeError("MSAM.step() called inside unperturbed(); leave the context first")
+        args, kwargs = hooks.fire_pre_hooks(self, (self, closure), {})
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_groups()
+        self._check_momentum()
+        plan = self._plan()
+        if plan.sharded:
+            raise NotImplementedError("MSAM does not support sharded (DTensor) parameters yet")
+        self._shift(plan, +1)  # w ← ŵ + c·v
+        self._moved, self._coefs = [], None
+        with hooks.global_hooks_silenced():
+            if unscale_for_grad_scaler(self):
+                self.base_optimizer.step()
+        self._opt_called = True
+        self._perturb(plan)  # ŵ ← w − c·v, with the new v
+        hooks.fire_post_hooks(self, args, kwargs)
+        return loss
+
+    def _momenta(self, plan) -> tuple[list[int], list[Tensor]]:
+        state, key = self.state, self._momentum_key
+        indices = [i for i, p in enumerate(plan.params) if key in state.get(p, ())]
+        return indices, [state[plan.params[i]][key] for i in indices]
+
+    def _shift(self, plan, sign: int) -> None:
+        """w ← w + sign · c_G · v over the params the perturbation was applied to (v: their momentum)."""
+        if not self._moved:
+            return
+        key, state = self._momentum_key, self.state
+        by_group: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        for i in self._moved:
+            param = plan.params[i]
+            params, momenta = by_group.setdefault(plan.group_of[i], ([], []))
+            params.append(param)
+            momenta.append(state[param][key])
+        for g, (params, momenta) in by_group.items():
+            shift = torch._foreach_mul(momenta, self._coefs[g].to(momenta[0].dtype))
+            (torch._foreach_add_ if sign > 0 else torch._foreach_sub_)(params, shift)
+
+    def _perturb(self, plan) -> None:
+        """c_G ← ρ_G / (‖v‖ + 1e-12) (0 if not finite), ŵ ← w − c_G · v."""
+        state, key = self.state, self._momentum_key
+        indices = [i for i, p in enumerate(plan.params) if key in state.get(p, ())]
+        if not indices:
+            return
+        momenta = [state[plan.params[i]][key] for i in indices]
+        device = momenta[0].device
+        norm = torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in torch._foreach_norm(momenta)]))
+        rhos = torch.tensor(self._group_values("rho"), dtype=torch.float64, device=device)
+        coefs = rhos / (norm + 1e-12)
+        self._coefs = torch.where(torch.isfinite(coefs), coefs, torch.zeros_like(coefs))
+        self._moved = indices
+        self._shift(plan, -1)
+
+    # ------------------------------------------------------------ evaluation at w
+    @contextlib.contextmanager
+    def unperturbed(self) -> Iterator[None]:
+        """The weights at the unperturbed point w = ŵ + c·v inside the block (evaluate, save inference
+        weights); ŵ is put back exactly (from a copy) when it ends."""
+        plan = self._plan()
+        params = [plan.params[i] for i in self._moved]
+        with torch.no_grad():
+            saved = [p.detach().clone() for p in params]
+            self._shift(plan, +1)
+        self._evaluating = True
+        try:
+            yield
+        finally:
+            self._evaluating = False
+            if params:
+                with torch.no_grad():
+                    torch._foreach_copy_(params, saved)
+
+    # ------------------------------------------------------------ what MSAM does not have
+    def first_step(self, zero_grad: bool = False) -> None:
+        raise RuntimeError("MSAM takes one forward/backward per step: call step() after the backward")
+
+    # ------------------------------------------------------------ checkpoints
+    def _extra_state(self) -> dict[str, Any]:
+        coefs = None if self._coefs is None else self._coefs.detach().cpu()
+        return {**super()._extra_state(), "moved": list(self._moved), "coefs": coefs}
+
+    def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        self._moved = [int(i) for i in extra.get("moved", [])]
+        coefs = extra.get("coefs")
+        if coefs is None or not self._moved:
+            self._coefs, self._moved = None, []
+            return
+        plan = self._plan()
+        device = plan.params[self._moved[0]].device
+        self._coefs = torch.as_tensor(coefs, dtype=torch.float64).to(device)
+

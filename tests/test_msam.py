@@ -1,0 +1,177 @@
+"""Momentum-SAM against a float64 reference written from the paper (Becker et al. 2024, Alg. 1)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from sam_kernels.optim.msam import MSAM
+
+
+def _model(dtype=torch.float64):
+    return nn.Sequential(nn.Linear(4, 6, dtype=dtype), nn.Tanh(), nn.Linear(6, 2, dtype=dtype))
+
+
+def _batches(n, dtype=torch.float64):
+    return [(torch.randn(10, 4, dtype=dtype), torch.randn(10, 2, dtype=dtype)) for _ in range(n)]
+
+
+def _loss(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def _reference_trajectory(model, batches, *, base, rhos, lr, momentum=0.9, weight_decay=0.0, betas=(0.9, 0.999),
+                          eps=1e-8, groups_of=None):
+    """The paper's algorithm, per tensor in float64, from scratch: w is kept apart from ŵ = w − c·v.
+
+    SGD: v ← μ v + (g + λ w); w ← w − lr v.  AdamW: m, s moments with bias correction, w ← w(1 − lr λ) − lr m̂/(√ŝ + ε).
+    After each update c_G = ρ_G / (‖v‖ + 1e-12) with v the momentum (AdamW: m) and the model holds ŵ = w − c_G v.
+    """
+    params = list(model.parameters())
+    groups_of = groups_of or [0] * len(params)
+    w = [p.detach().clone() for p in params]
+    v = [None] * len(params)
+    s = [None] * len(params)
+    c = None
+    for t, (x, y) in enumerate(batches, start=1):
+        with torch.no_grad():  # the model at ŵ
+            for k, p in enumerate(params):
+                p.copy_(w[k] if c is None else w[k] - c[groups_of[k]] * v[k])
+        model.zero_grad()
+        _loss(model, x, y).backward()
+        for k, p in enumerate(params):
+            g = p.grad.detach().clone()
+            if base is torch.optim.SGD:
+                g = g + weight_decay * w[k]
+                v[k] = g if v[k] is None else momentum * v[k] + g
+                w[k] = w[k] - lr * v[k]
+            else:  # AdamW
+                b1, b2 = betas
+                v[k] = (1 - b1) * g if v[k] is None else b1 * v[k] + (1 - b1) * g
+                s[k] = (1 - b2) * g * g if s[k] is None else b2 * s[k] + (1 - b2) * g * g
+                w[k] = w[k] * (1 - lr * weight_decay)
+                m_hat, s_hat = v[k] / (1 - b1 ** t), s[k] / (1 - b2 ** t)
+                w[k] = w[k] - lr * m_hat / (s_hat.sqrt() + eps)
+        norm = math.sqrt(sum(float((vk * vk).sum()) for vk in v))
+        c = [rho / (norm + 1e-12) for rho in rhos]
+    w_hat = [w[k] - c[groups_of[k]] * v[k] for k in range(len(params))]
+    return w, w_hat
+
+
+def _run(opt, model, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("base,kwargs", [
+    (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+    (torch.optim.SGD, {"lr": 0.05, "momentum": 0.8, "weight_decay": 0.01}),
+    (torch.optim.AdamW, {"lr": 0.01, "weight_decay": 0.05}),
+], ids=["sgd", "sgd-wd", "adamw"])
+def test_msam_follows_the_papers_algorithm_in_float64(base, kwargs):
+    model = _model()
+    twin = copy.deepcopy(model)
+    batches = _batches(5)
+    # Two groups with different ρ, one global norm.
+    params = list(model.parameters())
+    opt = MSAM([{"params": params[:2]}, {"params": params[2:], "rho": 0.7}], base, rho=0.3, **kwargs)
+    _run(opt, model, batches)
+    ref_kwargs = {k: v for k, v in kwargs.items() if k != "momentum"}
+    w, w_hat = _reference_trajectory(twin, batches, base=base, rhos=[0.3, 0.7], groups_of=[0, 0, 1, 1],
+                                     momentum=kwargs.get("momentum", 0.9), **ref_kwargs)
+    for p, expected in zip(model.parameters(), w_hat):
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-13)
+    with opt.unperturbed():
+        for p, expected in zip(model.parameters(), w):
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-13)
+
+
+def test_unperturbed_restores_the_perturbed_weights_bit_for_bit():
+    model = _model(torch.float32)
+    opt = MSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    _run(opt, model, _batches(3, torch.float32))
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.unperturbed():
+        moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before)]
+        with pytest.raises(RuntimeError, match="inside unperturbed"):
+            opt.step()
+    assert all(moved)
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)
+
+
+def test_resume_from_model_and_optimizer_state_dicts_is_bit_identical():
+    model = _model(torch.float32)
+    opt = MSAM(model.parameters(), torch.optim.AdamW, rho=1.0, lr=0.01)
+    _run(opt, model, _batches(3, torch.float32))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    resumed = _model(torch.float32)
+    resumed.load_state_dict(checkpoint["model"])
+    resumed_opt = MSAM(resumed.parameters(), torch.optim.AdamW, rho=1.0, lr=0.01)
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    batches = _batches(3, torch.float32)
+    _run(opt, model, batches)
+    _run(resumed_opt, resumed, batches)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_one_closure_call_and_one_hook_call_per_step():
+    model = _model()
+    opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    calls = []
+    handles = [
+        opt.register_step_pre_hook(lambda o, a, k: calls.append("pre")),
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(f"global pre {type(o).__name__}")),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append(f"global post {type(o).__name__}")),
+    ]
+    try:
+        x, y = _batches(1)[0]
+
+        def closure():
+            calls.append("closure")
+            loss = _loss(model, x, y)
+            loss.backward()
+            return loss
+
+        loss = opt.step(closure)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.is_tensor(loss)
+    assert calls == ["global pre MSAM", "pre", "closure", "post", "global post MSAM"]
+
+
+def test_a_scheduler_changing_rho_and_lr_is_followed():
+    model = _model()
+    opt = MSAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=10)  # cycles SGD's momentum too
+    for x, y in _batches(3):
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] != 0.1
+
+
+def test_msam_refuses_what_it_cannot_perturb_along():
+    model = _model()
+    with pytest.raises(ValueError, match="momentum > 0"):
+        MSAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(TypeError, match="SGD, Adam or AdamW"):
+        MSAM(model.parameters(), torch.optim.Adagrad, lr=0.1)
+    opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    with pytest.raises(RuntimeError, match="one forward/backward"):
+        opt.first_step()
