@@ -132,3 +132,33 @@ def fsdp_worker(rank: int, world: int, port: int, optimizer: str, backend: str, 
         dist.destroy_process_group()
         raise
     _finish()
+
+
+def ddp_schedule_worker(rank: int, world: int, port: int, schedule: str, out_dir: str) -> None:
+    """DDP with a SAM schedule: every rank records which steps were SAM steps (closure calls per step)."""
+    from sam_kernels.schedules import Adaptive, Bernoulli
+
+    _init(rank, world, port)
+    try:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        chosen = {"bernoulli": Bernoulli(0.5, seed=4321), "adaptive": Adaptive(c=0.0, beta=0.5)}[schedule]
+        opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, schedule=chosen)
+        loss_fn = nn.CrossEntropyLoss()
+        calls = []
+        generator = torch.Generator().manual_seed(7 + rank)  # different data per rank
+        for _ in range(8):
+            x, y = torch.randn(8, 6, dtype=torch.float64, generator=generator), torch.randint(0, 3, (8,),
+                                                                                             generator=generator)
+            count = [0]
+
+            def closure():
+                count[0] += 1
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            calls.append(count[0])
+        torch.save({"calls": calls, "weights": _flat(model)}, os.path.join(out_dir, f"schedule-{rank}.pt"))
+    finally:
+        _finish()

@@ -75,3 +75,12 @@ def test_fsdp2_matches_the_single_process_trajectory_and_checkpoints(tmp_path, o
     for rank in range(WORLD):
         resumed = torch.load(tmp_path / f"dcp-{rank}.pt")
         assert torch.equal(resumed["original"], resumed["resumed"])
+
+
+@pytest.mark.parametrize("schedule", ["bernoulli", "adaptive"])
+def test_ddp_ranks_take_the_same_schedule_decisions(tmp_path, schedule):
+    _spawn(W.ddp_schedule_worker, schedule, str(tmp_path))
+    rank0, rank1 = (torch.load(tmp_path / f"schedule-{r}.pt") for r in range(WORLD))
+    assert rank0["calls"] == rank1["calls"]  # the same steps took the second pass on both ranks
+    assert set(rank0["calls"]) == {1, 2}  # and the schedule did skip some (and not all)
+    assert torch.equal(rank0["weights"], rank1["weights"])

@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .. import functional as F
+from ..schedules import make_schedule
 from .amp import scaler_step, unscale_for_grad_scaler
 from ..backends import resolve_backend
 from ..batchnorm import frozen_running_stats
@@ -118,9 +119,13 @@ class SharpnessAwareOptimizer(Optimizer):
         defaults: dict[str, float],
         *,
         backend: str = "auto",
+        schedule: Any = None,
         **base_kwargs: Any,
     ) -> None:
         self._backend = check_backend(backend)
+        self._schedule = make_schedule(schedule)
+        self._schedule_step = 0  # t: steps completed, SAM or plain
+        self._decision: bool | None = None  # whether the step under way is a SAM step (None: not decided yet)
         self._own_defaults = {key: check_non_negative(key, value) for key, value in defaults.items()}
         params = list(params)
         # Optimizer.__init__ fills defaults into group dicts: give it copies so the
@@ -360,6 +365,14 @@ class SharpnessAwareOptimizer(Optimizer):
                 f"expected {_PHASE_TEXT[phase]}: {hint}"
             )
 
+    def _expect_sam_step(self) -> None:
+        if not self.sam_step_due:
+            raise RuntimeError(
+                f"{type(self).__name__}: step {self._schedule_step} is not a SAM step ({self._schedule!r}); "
+                "nothing was touched: call second_step() now, which only steps the base optimizer "
+                "(check opt.sam_step_due after the first backward)"
+            )
+
     def _ensure_skip_tensors(self, device: torch.device) -> None:
         if self._nonfinite is None or self._nonfinite.device != device:
             count = self._nonfinite_count
@@ -457,16 +470,24 @@ class SharpnessAwareOptimizer(Optimizer):
         With a ``torch.amp.GradScaler`` the base step goes through it (unscaled
         once, skipped on overflow in either pass); call ``scaler.update()`` after.
         """
-        self._expect("perturbed", "second_step()", "call first_step() after the first backward pass")
+        if self._phase == "idle" and not self.sam_step_due:  # a step the schedule skips: the plain base step
+            self._open_step_hooks()
+        else:
+            self._expect("perturbed", "second_step()", "call first_step() after the first backward pass")
+        sam_step = self._phase != "idle"
         self._put_back()
-        self._before_base_step()
+        if sam_step:
+            self._before_base_step()
         with hooks.global_hooks_silenced():  # one SAM step fires the global step hooks once (hooks.py)
             if scaler is not None:
                 scaler_step(self, scaler)
             elif unscale_for_grad_scaler(self):  # GradScaler.step(opt) called step(): its unscale and skip
                 self.base_optimizer.step()
         self._opt_called = True  # tells torch LR schedulers that the optimizer stepped
-        self._after_second_step()
+        if sam_step:
+            self._after_second_step()
+        self._schedule_step += 1
+        self._decision = None
         if zero_grad:
             self.zero_grad()
         self._close_step_hooks()
@@ -527,15 +548,43 @@ class SharpnessAwareOptimizer(Optimizer):
             self._before_first_forward()
             self.zero_grad()
             loss = closure()
-            self.first_step(zero_grad=True)
-            with second_pass:
-                closure()
+            if self.sam_step_due:
+                self.first_step(zero_grad=True)
+                with second_pass:
+                    closure()
             self.second_step(scaler=scaler)
         except BaseException:
             self.restore()
             raise
         self._remember_left_grads()
         return loss
+
+    @property
+    def sam_step_due(self) -> bool:
+        """Whether the step under way is a SAM step (``schedule=``; always True by default).
+
+        Known before the first forward for every schedule but :class:`~sam_kernels.schedules.Adaptive`,
+        which decides from the first-pass gradient: read it after the first backward (it reads one number
+        from the device). When False, call :meth:`second_step` right away: it only steps the base optimizer.
+        """
+        if self._decision is None:
+            schedule, t = self._schedule, self._schedule_step
+            if not schedule.needs_gradient:
+                self._decision = schedule.due(t)
+            else:
+                grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+                if not grads:
+                    raise RuntimeError(
+                        f"{type(self).__name__}.sam_step_due: the adaptive schedule decides from the first-pass "
+                        "gradient; read it after the first backward"
+                    )
+                self._decision = schedule.due_given(t, _squared_norm(grads))
+        return self._decision
+
+    @property
+    def schedule(self):
+        """The :mod:`sam_kernels.schedules` object deciding which steps are SAM steps."""
+        return self._schedule
 
     def freeze_running_stats_in_second_pass(self, model: torch.nn.Module | None) -> None:
         """Make :meth:`step` run its second closure call under :func:`sam_kernels.frozen_running_stats`:
@@ -584,10 +633,12 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # --------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict[str, Any]:
-        return {"version": 1}
+        return {"version": 1, "schedule_step": self._schedule_step, "schedule": self._schedule.state_dict()}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
-        pass
+        self._schedule_step = int(extra.get("schedule_step", 0))
+        self._schedule.load_state_dict(extra.get("schedule", {}))
+        self._decision = None
 
     def sam_state_dict(self) -> dict[str, Any]:
         """Only what SAM adds to the base optimizer's state (R-SAM's seed and step, ASAM's p/granularity).
@@ -700,3 +751,10 @@ def _on_wrapped_optimizer(method: Callable) -> Callable:
 for _name in _EXPLICIT_API:
     if _name in SharpnessAwareOptimizer.__dict__:
         setattr(SharpnessAwareOptimizer, _name, _on_wrapped_optimizer(SharpnessAwareOptimizer.__dict__[_name]))
+
+
+def _squared_norm(grads: list[Tensor]) -> float:
+    """Σ g² over every gradient, in float64, read to the host (the adaptive schedule's one sync)."""
+    if any(is_sharded(g) for g in grads):
+        raise NotImplementedError("the adaptive schedule does not support sharded (DTensor) gradients yet")
+    return float(sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads))

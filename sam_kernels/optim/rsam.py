@@ -55,6 +55,11 @@ class RSAM(SharpnessAwareOptimizer):
         super().__init__(
             params, base_optimizer, {"rho": rho, "gamma": gamma, "lam": lam}, backend=backend, **base_kwargs
         )
+        if self._schedule.needs_gradient:
+            raise ValueError(
+                "RSAM cannot use an adaptive schedule: it draws its noise before the first forward, before the "
+                "gradient the schedule decides from exists; use an int or Bernoulli schedule"
+            )
 
     @property
     def seed(self) -> int:
@@ -74,6 +79,8 @@ class RSAM(SharpnessAwareOptimizer):
     def noise_step(self) -> None:
         """Before the first forward: save w and move every trainable param to ŵ = w + δ₀."""
         self._expect("idle", "noise_step()", "call second_step() to finish the previous step, or restore()")
+        if not self.sam_step_due:  # a step the schedule skips: no noise, the plain step follows
+            return
         plan = self._begin()
         if plan.native is not None and plan.native.add_noise(self._group_values("gamma"), self._seed, self._step) >= 0:
             self._path = "native"
@@ -94,6 +101,8 @@ class RSAM(SharpnessAwareOptimizer):
     @torch.compiler.disable
     def first_step(self, zero_grad: bool = False) -> None:
         """After the backward at ŵ: move to w_saved + ε, ε = ρ·d/‖d‖, d = δ₀/‖δ₀‖ + λ·g/‖g‖."""
+        if self._phase == "idle":
+            self._expect_sam_step()
         self._expect("noised", "first_step()", "call noise_step() before the first forward pass")
         self._check_groups()
         plan = self._step_plan
@@ -156,5 +165,6 @@ class RSAM(SharpnessAwareOptimizer):
         return {**super()._extra_state(), "seed": self._seed, "step": self._step}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        super()._load_extra_state(extra)
         self._seed = check_seed(int(extra["seed"]))
         self._step = int(extra["step"])

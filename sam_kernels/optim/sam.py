@@ -51,6 +51,7 @@ class FirstOrderSAM(SharpnessAwareOptimizer):
     def first_step(self, zero_grad: bool = False) -> None:
         """Save w and move to w + ε, ε computed from the gradients now in ``.grad``."""
         self._expect("idle", "first_step()", "call second_step() to finish the previous step, or restore()")
+        self._expect_sam_step()
         plan = self._begin()
         if plan.native is not None and plan.native.sam_first_step(
             self._group_values("rho"), self._group_etas(), self._MODES[self._granularity], self._p != 2
@@ -156,5 +157,6 @@ class ASAM(FirstOrderSAM):
         return {**super()._extra_state(), "p": self._p, "granularity": self._granularity}
 
     def _load_extra_state(self, extra: dict[str, Any]) -> None:
+        super()._load_extra_state(extra)
         self._p = check_p(extra.get("p", self._p))
         self._granularity = check_granularity(extra.get("granularity", self._granularity))
