@@ -65,7 +65,7 @@ __device__ __forceinline__ A scale_t(int mode, A w, A eta, int64_t fsize, const 
 // R-SAM's sigma of element i: gamma ||w_row|| / sqrt(n_row) (ndim >= 2) or gamma |w_i| (ndim <= 1).
 template <typename A>
 __device__ __forceinline__ A noise_std(A w, A gamma, A gamma_over_sqrt_n, int64_t fsize, const A* fnorms, int64_t i) {
-  return fsize ? gamma_over_sqrt_n * fnorms[row_of(i, fsize)] : gamma * abs_of(w);
+  return fsize ? sam::filter_noise_std(gamma_over_sqrt_n, fnorms[row_of(i, fsize)]) : sam::element_noise_std(gamma, w);
 }
 
 // R-SAM's delta0 for the elements of tensor t of a launch: sigma_i and the Philox stream at the
@@ -90,7 +90,7 @@ struct TensorNoise {
 
   // delta0 of element i, whose weight before the noise is w.
   __device__ __forceinline__ A operator()(A w, int64_t i) {
-    return noise_std<A>(w, gamma, gamma_over_sqrt_n, fsize, fnorms, i) * z(offset + i);
+    return sam::noise_delta(noise_std<A>(w, gamma, gamma_over_sqrt_n, fsize, fnorms, i), z(offset + i));
   }
 };
 
@@ -266,12 +266,10 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ A shared[3 * 32];
   block_sum<3>(sum, shared);
   if (threadIdx.x == 0) {
-    const A lam = static_cast<A>(m.param[2][b.t]);
+    A weighted[4];
+    sam::rsam_weighted_sums(sum, static_cast<A>(m.param[2][b.t]), weighted);
     A* out = partials + 4 * (m.partial0 + blockIdx.x);
-    out[0] = sum[0];
-    out[1] = sum[1];
-    out[2] = lam * sum[2];
-    out[3] = lam * lam * sum[1];
+    for (int k = 0; k < 4; ++k) out[k] = weighted[k];
   }
 }
 
@@ -295,7 +293,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const A d = k < n ? delta(sv[k], i + k) : A(0);
-      out[k] = sv[k] + sam::finite_or_zero(a * d + c * gv[k]);
+      out[k] = sv[k] + sam::finite_or_zero(sam::rsam_perturbation(a, d, c, gv[k]));
     }
     store<VEC>(w, i, n, vec, out);
   });

@@ -75,8 +75,8 @@ struct NoiseStd {
   acc_t gamma_over_sqrt_n;
   acc_t gamma;
   acc_t operator()(int64_t i, acc_t saved) const {
-    if (fsize) return gamma_over_sqrt_n * norms[i / fsize];
-    return gamma * (saved < acc_t(0) ? -saved : saved);
+    if (fsize) return sam::filter_noise_std(gamma_over_sqrt_n, norms[i / fsize]);
+    return sam::element_noise_std(gamma, saved);
   }
 };
 
@@ -182,7 +182,7 @@ void add_noise_(const std::vector<at::Tensor>& params, const std::vector<at::Ten
         for (int64_t i = begin; i < end; ++i) {
           sd[i] = wd[i];
           const acc_t wi = static_cast<acc_t>(wd[i]);
-          wd[i] = static_cast<scalar_t>(wi + sigma(i, wi) * z(source.offset + i));
+          wd[i] = static_cast<scalar_t>(wi + sam::noise_delta(sigma(i, wi), z(source.offset + i)));
         }
       });
     });
@@ -210,16 +210,17 @@ at::Tensor noise_grad_sums(const std::vector<at::Tensor>& grads, const std::vect
         sam::NormalStream z = source.stream;
         for (int64_t i = begin; i < end; ++i) {
           const acc_t si = static_cast<acc_t>(sd[i]);
-          const acc_t delta = sigma(i, si) * z(source.offset + i);
+          const acc_t delta = sam::noise_delta(sigma(i, si), z(source.offset + i));
           const acc_t gi = static_cast<acc_t>(gd[i]);
           acc[0] += delta * delta;
           acc[1] += gi * gi;
           acc[2] += delta * gi;
         }
       });
-      const double lam = lams[j];
-      totals.push_back({static_cast<double>(sum[0]), static_cast<double>(sum[1]), lam * static_cast<double>(sum[2]),
-                        lam * lam * static_cast<double>(sum[1])});
+      const double sums[3] = {static_cast<double>(sum[0]), static_cast<double>(sum[1]), static_cast<double>(sum[2])};
+      double weighted[4];
+      sam::rsam_weighted_sums(sums, lams[j], weighted);
+      totals.push_back({weighted[0], weighted[1], weighted[2], weighted[3]});
     });
   }
   return totals_tensor(totals, 4, any_double);
@@ -250,8 +251,8 @@ void mix_perturb_(const std::vector<at::Tensor>& params, const std::vector<at::T
         sam::NormalStream z = source.stream;
         for (int64_t i = begin; i < end; ++i) {
           const acc_t si = static_cast<acc_t>(sd[i]);
-          const acc_t delta = sigma(i, si) * z(source.offset + i);
-          const acc_t eps = a * delta + b * static_cast<acc_t>(gd[i]);
+          const acc_t delta = sam::noise_delta(sigma(i, si), z(source.offset + i));
+          const acc_t eps = sam::rsam_perturbation(a, delta, b, static_cast<acc_t>(gd[i]));
           wd[i] = static_cast<scalar_t>(si + sam::finite_or_zero(eps));
         }
       });

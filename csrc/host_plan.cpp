@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "host_common.h"
@@ -61,12 +62,6 @@ void dispatch(at::ScalarType type, const F& f) {
   }
 }
 
-// sigma of the noise of one row: gamma * ||w_row|| / sqrt(n_row).
-template <typename acc_t>
-acc_t row_sigma(double gamma, double norm, int64_t fsize) {
-  return static_cast<acc_t>(gamma * norm / std::sqrt(static_cast<double>(fsize)));
-}
-
 // ||row|| of each row of [r0, r1) into norms.
 template <typename scalar_t>
 void row_norms(const scalar_t* w, int64_t fsize, int64_t r0, int64_t r1, double* norms) {
@@ -74,30 +69,33 @@ void row_norms(const scalar_t* w, int64_t fsize, int64_t r0, int64_t r1, double*
   for (int64_t r = r0; r < r1; ++r) norms[r] = row_norm<acc_t>(w + r * fsize, fsize);
 }
 
-// Runs body(base, n, z, sigma) over [begin, end) of tensor j in batches of up to kNoiseBatch elements:
-// z the standard normals of elements base .. base + n - 1, sigma their noise std (per row from the norms
-// kept by add_noise for ndim >= 2, gamma * |w| of `before_noise` for ndim <= 1). docs/DESIGN.md §2-§3.
+// Runs body(base, n, delta) over [begin, end) of tensor j in batches of up to kNoiseBatch elements:
+// delta[k] = sigma * z the noise delta0 of element base + k (docs/DESIGN.md §2.4-§3), sigma per row from
+// the norms kept by add_noise (ndim >= 2) or gamma * |w| of `before_noise` (ndim <= 1).
 template <typename acc_t, typename scalar_t, typename Body>
 void noise_batches(int64_t begin, int64_t end, const NoiseKey& key, uint32_t j, int64_t fsize, const double* norms,
                    double gamma, const scalar_t* before_noise, const Body& body) {
   float z[kNoiseBatch];
-  acc_t sigma[kNoiseBatch];
+  acc_t delta[kNoiseBatch];
+  const acc_t gamma_acc = static_cast<acc_t>(gamma);
+  const acc_t gamma_over_sqrt_n = fsize ? static_cast<acc_t>(gamma / std::sqrt(static_cast<double>(fsize))) : acc_t(0);
   for (int64_t base = begin; base < end; base += kNoiseBatch) {
     const int64_t n = std::min<int64_t>(kNoiseBatch, end - base);
     standard_normals(z, base, n, key.k0, key.k1, j, key.step);
     if (fsize) {
       int64_t row = base / fsize, col = base - row * fsize;
       for (int64_t k = 0; k < n; col = 0, ++row) {
-        const acc_t s = row_sigma<acc_t>(gamma, norms[row], fsize);
+        const acc_t sigma = sam::filter_noise_std(gamma_over_sqrt_n, static_cast<acc_t>(norms[row]));
         const int64_t run = std::min(n - k, fsize - col);
-        for (int64_t q = 0; q < run; ++q) sigma[k + q] = s;
+        for (int64_t q = k; q < k + run; ++q) delta[q] = sam::noise_delta(sigma, z[q]);
         k += run;
       }
     } else {
-      const acc_t g = static_cast<acc_t>(gamma);
-      for (int64_t k = 0; k < n; ++k) sigma[k] = g * std::abs(static_cast<acc_t>(before_noise[base + k]));
+      const scalar_t* w = before_noise + base;
+      for (int64_t k = 0; k < n; ++k)
+        delta[k] = sam::noise_delta(sam::element_noise_std(gamma_acc, static_cast<acc_t>(w[k])), z[k]);
     }
-    body(base, n, z, sigma);
+    body(base, n, static_cast<const acc_t*>(delta));
   }
 }
 
@@ -212,12 +210,12 @@ void noise_add(const View& v, double gamma, const NoiseKey& key, double* norms) 
   scalar_t* sd = static_cast<scalar_t*>(v.s);
   auto noise_range = [&](int64_t begin, int64_t end) {
     noise_batches<acc_t>(begin, end, key, static_cast<uint32_t>(v.i), v.fsize, norms, gamma, wd,
-                         [&](int64_t base, int64_t n, const float* z, const acc_t* sigma) {
+                         [&](int64_t base, int64_t n, const acc_t* delta) {
                            scalar_t* x = wd + base;
                            scalar_t* saved = sd + base;
                            for (int64_t k = 0; k < n; ++k) {
                              saved[k] = x[k];
-                             x[k] = static_cast<scalar_t>(static_cast<acc_t>(x[k]) + sigma[k] * z[k]);
+                             x[k] = static_cast<scalar_t>(static_cast<acc_t>(x[k]) + delta[k]);
                            }
                          });
   };
@@ -231,44 +229,64 @@ void noise_add(const View& v, double gamma, const NoiseKey& key, double* norms) 
   }
 }
 
-// (sum delta^2, sum g^2, sum delta * g), delta regenerated from the saved weights.
+// Whether the sums pass may keep delta0 in the weight's memory for the mix pass (one draw of the stream
+// instead of two; docs/DESIGN.md §6): the weight holds acc_t exactly (float32, float64), and the
+// gradient does not share its memory (the mix pass still reads it).
 template <typename scalar_t>
-std::array<double, 3> rsam_sums(const View& v, double gamma, const NoiseKey& key, const double* norms) {
+bool keeps_delta(const View& v) {
+  if (!std::is_same<scalar_t, at::opmath_type<scalar_t>>::value) return false;
+  const char* w = static_cast<const char*>(v.w);
+  const char* g = static_cast<const char*>(v.g);
+  const int64_t bytes = v.numel * static_cast<int64_t>(sizeof(scalar_t));
+  return g + bytes <= w || w + bytes <= g;
+}
+
+// (sum delta^2, sum g^2, sum delta * g), delta regenerated from the saved weights; with keep, delta is
+// also written over the weight (the mix pass that follows overwrites every element of it).
+template <typename scalar_t>
+std::array<double, 3> rsam_sums(const View& v, double gamma, const NoiseKey& key, const double* norms, bool keep) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* sd = static_cast<const scalar_t*>(v.s);
   const scalar_t* gd = static_cast<const scalar_t*>(v.g);
+  scalar_t* kept = keep ? static_cast<scalar_t*>(v.w) : nullptr;
   auto sum = chunked_sum<acc_t, 3>(v.numel, [&](int64_t b, int64_t e, std::array<acc_t, 3>& acc) {
     noise_batches<acc_t>(b, e, key, static_cast<uint32_t>(v.i), v.fsize, norms, gamma, sd,
-                         [&](int64_t base, int64_t n, const float* z, const acc_t* sigma) {
+                         [&](int64_t base, int64_t n, const acc_t* delta) {
                            const scalar_t* gb = gd + base;
-                           lane_sums<acc_t, 3>(0, n, acc, [sigma, z, gb](int64_t k) {
-                             const acc_t delta = sigma[k] * z[k];
+                           lane_sums<acc_t, 3>(0, n, acc, [delta, gb](int64_t k) {
                              const acc_t gk = static_cast<acc_t>(gb[k]);
-                             return std::array<acc_t, 3>{delta * delta, gk * gk, delta * gk};
+                             return std::array<acc_t, 3>{delta[k] * delta[k], gk * gk, delta[k] * gk};
                            });
+                           if (kept)
+                             for (int64_t k = 0; k < n; ++k) kept[base + k] = static_cast<scalar_t>(delta[k]);
                          });
   });
   return {static_cast<double>(sum[0]), static_cast<double>(sum[1]), static_cast<double>(sum[2])};
 }
 
-// w <- saved + a * delta + b * g.
+// w <- saved + a * delta + b * g; delta read from w where the sums pass kept it there, else regenerated.
 template <typename scalar_t>
-void rsam_mix(const View& v, double gamma, double a_value, double b_value, const NoiseKey& key, const double* norms) {
+void rsam_mix(const View& v, double gamma, double a_value, double b_value, const NoiseKey& key, const double* norms,
+              bool kept) {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* wd = static_cast<scalar_t*>(v.w);
   const scalar_t* sd = static_cast<const scalar_t*>(v.s);
   const scalar_t* gd = static_cast<const scalar_t*>(v.g);
   const acc_t a = static_cast<acc_t>(a_value), b = static_cast<acc_t>(b_value);
+  auto eps_at = [a, b, gd](int64_t k, acc_t delta) {
+    return sam::finite_or_zero(sam::rsam_perturbation(a, delta, b, static_cast<acc_t>(gd[k])));
+  };
   parallel_range(v.numel, kGrain, [&](int64_t begin, int64_t end) {
+    if (kept) {  // delta0 is in w (scalar_t is acc_t)
+      for (int64_t k = begin; k < end; ++k)
+        wd[k] = static_cast<scalar_t>(static_cast<acc_t>(sd[k]) + eps_at(k, static_cast<acc_t>(wd[k])));
+      return;
+    }
     noise_batches<acc_t>(begin, end, key, static_cast<uint32_t>(v.i), v.fsize, norms, gamma, sd,
-                         [&](int64_t base, int64_t n, const float* z, const acc_t* sigma) {
-                           scalar_t* x = wd + base;
-                           const scalar_t* sb = sd + base;
-                           const scalar_t* gb = gd + base;
-                           for (int64_t k = 0; k < n; ++k) {
-                             const acc_t eps = a * sigma[k] * z[k] + b * static_cast<acc_t>(gb[k]);
-                             x[k] = static_cast<scalar_t>(static_cast<acc_t>(sb[k]) + sam::finite_or_zero(eps));
-                           }
+                         [&](int64_t base, int64_t n, const acc_t* delta) {
+                           for (int64_t k = 0; k < n; ++k)
+                             wd[base + k] = static_cast<scalar_t>(static_cast<acc_t>(sd[base + k]) +
+                                                                  eps_at(base + k, delta[k]));
                          });
   });
 }
@@ -451,14 +469,20 @@ int64_t StepPlan::rsam_first_step(const std::vector<double>& rhos, const std::ve
   }
   const NoiseKey key = noise_key(seed, step);
   double noise_sq = 0, grad_sq = 0, lam_dot = 0, lam_sq_grad_sq = 0;  // pass 1, in a fixed order
-  for (const View& view : scratch_) {
+  kept_.assign(scratch_.size(), false);
+  for (size_t q = 0; q < scratch_.size(); ++q) {
+    const View& view = scratch_[q];
     dispatch(view.dtype, [&](auto tag) {
-      const auto sums = rsam_sums<decltype(tag)>(view, gammas[view.group], key, norms_[view.i].data());
-      const double lam = lams[view.group];
-      noise_sq += sums[0];
-      grad_sq += sums[1];
-      lam_dot += lam * sums[2];
-      lam_sq_grad_sq += lam * lam * sums[1];
+      using scalar_t = decltype(tag);
+      kept_[q] = keeps_delta<scalar_t>(view);
+      const auto sums = rsam_sums<scalar_t>(view, gammas[view.group], key, norms_[view.i].data(), kept_[q]);
+      const double tensor_sums[3] = {sums[0], sums[1], sums[2]};
+      double weighted[4];
+      sam::rsam_weighted_sums(tensor_sums, lams[view.group], weighted);
+      noise_sq += weighted[0];
+      grad_sq += weighted[1];
+      lam_dot += weighted[2];
+      lam_sq_grad_sq += weighted[3];
     });
   }
   // eps = a * delta + b * g = rho * d / (||d|| + 1e-12), d = delta/||delta|| + lam * g/||g|| (docs/DESIGN.md §2).
@@ -471,11 +495,12 @@ int64_t StepPlan::rsam_first_step(const std::vector<double>& rhos, const std::ve
   const double inv_d = 1.0 / (std::sqrt(std::max(d_sq, 0.0)) + kNormGuard);
   const double noise_unit = skipped ? 0.0 : inv_noise * inv_d;
   const double grad_unit = skipped ? 0.0 : inv_grad * inv_d;
-  for (const View& view : scratch_) {  // pass 2: w <- saved + a * delta + b * g
+  for (size_t q = 0; q < scratch_.size(); ++q) {  // pass 2: w <- saved + a * delta + b * g
+    const View& view = scratch_[q];
     const double rho = rhos[view.group], lam = lams[view.group];
     dispatch(view.dtype, [&](auto tag) {
       rsam_mix<decltype(tag)>(view, gammas[view.group], rho * noise_unit, rho * lam * grad_unit, key,
-                              norms_[view.i].data());
+                              norms_[view.i].data(), kept_[q]);
     });
     bump_version(params_[view.i]);
   }

@@ -68,6 +68,7 @@ class StepPlan {
   std::vector<std::vector<double>> norms_;  // per-filter norms of the last pass that computed them
   std::vector<View> views_;                 // the params the last phase moved
   std::vector<View> scratch_;
+  std::vector<bool> kept_;  // per scratch_ view: the R-SAM sums pass left delta0 in the weight
   at::Tensor skip_flag_, skip_count_;
   uint64_t checked_layout_ = 0;  // signature of the last set of weight addresses found disjoint
 };

@@ -75,7 +75,9 @@ inline void sincos_turn(float theta, float& sin_out, float& cos_out) {
 }  // namespace detail
 
 // out[k] = z(e0 + k) for k in [0, n), n <= kNoiseBatch: the standard normals of elements e0 .. e0 + n - 1
-// of tensor j at step `step` (noise_batch.cpp, built for AVX2 and plain x86-64, picked at load time).
+// of tensor j at step `step` (noise_batch.cpp: AVX-512 intrinsics, or the functions above vectorised by
+// the compiler for AVX2 or plain x86-64, picked at load time; SAM_KERNELS_NOISE_ISA=avx2|default forces
+// a narrower path, for tests. Every path gives the same bits).
 void standard_normals(float* out, int64_t e0, int64_t n, uint32_t k0, uint32_t k1, uint32_t j, uint32_t step);
 
 }  // namespace sam_host

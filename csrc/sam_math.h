@@ -113,4 +113,42 @@ SAM_HD acc_t finite_or_zero(acc_t x) {
   return (x - x == acc_t(0)) ? x : acc_t(0);
 }
 
+// ---------------------------------------------------------------- R-SAM (docs/DESIGN.md §2.4)
+// The noise std of an element of filter i (ndim >= 2): (gamma / sqrt(n_i)) * ||w_i||, the first factor
+// computed once per tensor (gamma_over_sqrt_n, rounded to acc_t) and the norm that of the weights before
+// the noise.
+template <typename acc_t>
+SAM_HD acc_t filter_noise_std(acc_t gamma_over_sqrt_n, acc_t filter_norm) {
+  return gamma_over_sqrt_n * filter_norm;
+}
+
+// The noise std of an element of an ndim <= 1 tensor (its own group): gamma * |w|, w before the noise.
+template <typename acc_t>
+SAM_HD acc_t element_noise_std(acc_t gamma, acc_t w) {
+  return gamma * (w < acc_t(0) ? -w : w);
+}
+
+// delta0 = sigma * z (z the standard normal of the element, §3).
+template <typename acc_t>
+SAM_HD acc_t noise_delta(acc_t sigma, float z) {
+  return sigma * static_cast<acc_t>(z);
+}
+
+// eps = a * delta0 + b * g, formed from delta0 (not (a * sigma) * z), so a pass that kept delta0 and one
+// that regenerates it give the same bits. The caller applies finite_or_zero.
+template <typename acc_t>
+SAM_HD acc_t rsam_perturbation(acc_t a, acc_t delta, acc_t b, acc_t g) {
+  return a * delta + b * g;
+}
+
+// One tensor's share of the four sums S1..S4 from its (sum delta^2, sum g^2, sum delta g) and its
+// group's lambda: (S1, S2, lambda S3, lambda^2 S2).
+template <typename T>
+SAM_HD void rsam_weighted_sums(const T (&sums)[3], T lam, T (&out)[4]) {
+  out[0] = sums[0];
+  out[1] = sums[1];
+  out[2] = lam * sums[2];
+  out[3] = lam * lam * sums[1];
+}
+
 }  // namespace sam

@@ -75,6 +75,30 @@ def _reference_at(numel, seed, j, step, offset):
 
 
 @needs_extension
+@pytest.mark.parametrize("isa", ["avx2", "default"])
+def test_host_noise_stream_is_the_same_bits_on_every_instruction_set(isa):
+    """The host stream is built for AVX-512 (intrinsics), AVX2 and plain x86-64 and picked at load time;
+    SAM_KERNELS_NOISE_ISA picks a narrower one. Every path must give the same bits (docs/DESIGN.md §3)."""
+    import subprocess
+    import sys
+
+    from sam_kernels import _C
+
+    args = [(4099, 12345, 5, 17, 3), (1, 7, 0, 0, 0), (37, 2**63 + 5, 9, 2, 4 * 2**32 + 6)]
+    program = (
+        "import sys, torch\n"
+        "from sam_kernels import _C\n"
+        f"for a in {args!r}:\n"
+        "    sys.stdout.write(_C.host.standard_normal(*a).numpy().tobytes().hex() + '\\n')\n"
+    )
+    env = {**os.environ, "SAM_KERNELS_NOISE_ISA": isa}
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    expected = [_C.host.standard_normal(*a).numpy().tobytes().hex() for a in args]
+    assert result.stdout.split() == expected
+
+
+@needs_extension
 def test_host_noise_stream_differs_by_tensor_and_step():
     from sam_kernels import _C
 
