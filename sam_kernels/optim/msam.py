@@ -123,8 +123,10 @@ class MSAM(SharpnessAwareOptimizer):
             params.append(param)
             momenta.append(state[param][key])
         for g, (params, momenta) in by_group.items():
-            shift = torch._foreach_mul(momenta, self._coefs[g].to(momenta[0].dtype))
-            (torch._foreach_add_ if sign > 0 else torch._foreach_sub_)(params, shift)
+            # w ± c·v in one pass per tensor, c a 0-d device tensor (no temporaries, no host read); foreach
+            # takes per-tensor broadcasting through its per-tensor path.
+            coef = self._coefs[g].to(momenta[0].dtype)
+            torch._foreach_addcmul_(params, momenta, [coef] * len(params), value=sign)
 
     def _perturb(self, plan) -> None:
         """c_G ← ρ_G / (‖v‖ + 1e-12) (0 if not finite), ŵ ← w − c_G · v."""
