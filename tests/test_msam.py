@@ -175,3 +175,27 @@ def test_msam_refuses_what_it_cannot_perturb_along():
     opt = MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
     with pytest.raises(RuntimeError, match="one forward/backward"):
         opt.first_step()
+    with pytest.raises(ValueError, match="schedule"):
+        MSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, schedule=2)
+
+
+def test_grad_scaler_step_skips_the_base_step_on_overflow_and_keeps_the_perturbation():
+    model = _model(torch.float32)
+    opt = MSAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    _run(opt, model, _batches(2, torch.float32))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    x, y = _batches(1, torch.float32)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    momenta = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(_loss(model, x, y) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0 ** 8
+    for p, b, m in zip(model.parameters(), before, momenta):
+        assert torch.equal(opt.state[p]["momentum_buffer"], m)  # no base step
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)  # ŵ again, up to the shift's rounding
+    opt.zero_grad()
+    scaler.scale(_loss(model, x, y)).backward()
+    scaler.step(opt)  # a finite step is taken with the unscaled gradient
+    assert not torch.equal(opt.state[next(model.parameters())]["momentum_buffer"], momenta[0])

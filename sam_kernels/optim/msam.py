@@ -56,6 +56,8 @@ class MSAM(SharpnessAwareOptimizer):
         **base_kwargs: Any,
     ) -> None:
         super().__init__(params, base_optimizer, {"rho": rho}, backend=backend, **base_kwargs)
+        if self._schedule.needs_gradient or not self._schedule.due(1):
+            raise ValueError("MSAM takes one pass on every step: it has no schedule= (it is already the cheap step)")
         kind = next((cls for cls in _MOMENTUM_KEY if isinstance(self.base_optimizer, cls)), None)
         if kind is None:
             raise TypeError(
