@@ -61,6 +61,8 @@ def check_param_groups(groups: list[dict], owner: str, *, taken: set[int] | None
         for k, item in enumerate([params] if isinstance(params, torch.Tensor) else params):
             param = param_of(item)
             where = f"param_groups[{g}]['params'][{k}]"
+            if not isinstance(param, torch.Tensor):
+                raise TypeError(f"optimizer can only optimize Tensors, but {where} is a {type(param).__name__}")
             if id(param) in seen or (taken is not None and id(param) in taken):
                 first = seen.get(id(param))
                 also = f" (also param_groups[{first[0]}]['params'][{first[1]}])" if first else " (already added)"

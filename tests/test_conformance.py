@@ -404,3 +404,102 @@ def test_grad_scaler_step_on_the_optimizer_finishes_the_step_like_second_step(ov
     unchanged = [torch.equal(a, c) for a, c in zip(model.parameters(), before)]
     assert all(unchanged) if overflow else not all(unchanged)  # (a bias before BatchNorm has no gradient)
     assert scalers[0].get_scale() == scalers[1].get_scale()
+
+
+# --------------------------------------------------------------------- review findings, each a regression test
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_made_with_a_scheduler_attached_steps_itself(how):
+    model = _model()
+    opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)  # wraps opt.step on the instance
+    bundle = {"model": model, "opt": opt}
+    twin = copy.deepcopy(bundle) if how == "deepcopy" else pickle.loads(pickle.dumps(bundle))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = _batch()
+    twin["opt"].step(_closure(twin["model"], x, y))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # the original did not move
+    assert not all(torch.equal(p, b) for p, b in zip(twin["model"].parameters(), before))
+
+
+def test_pre_hooks_fire_for_the_step_after_a_failed_or_abandoned_one():
+    model = _model()
+    opt = sam_kernels.RSAM(model.parameters(), torch.optim.SGD, lr=0.1, seed=1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.noise_step()
+    opt.restore()  # abandoned: no post hook
+    opt.param_groups[0]["rho"] = float("nan")
+    with pytest.raises(ValueError):
+        opt.noise_step()  # refused by validation
+    opt.param_groups[0]["rho"] = 0.05
+    x, y = _batch()
+    _explicit_step(opt, model, x, y)
+    # Each call that starts a step fires the pre hooks (as torch's do, before the step validates); only the
+    # completed step fires the post hooks.
+    assert calls == ["pre", "pre", "pre", "post"]
+
+
+def test_no_warning_when_the_loop_zeroes_gradients_in_place_and_the_warning_points_at_the_caller():
+    model = _model()
+    opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            x, y = _batch()
+            opt.zero_grad(set_to_none=False)
+            opt.step(_closure(model, x, y))
+    _closure(model, x, y)()
+    with pytest.warns(UserWarning, match="already hold gradients") as record:
+        opt.step(_closure(model, x, y))
+    assert record[0].filename == __file__
+
+
+def test_step_finishing_a_pending_step_returns_the_closures_loss_and_restores_if_it_raises():
+    model = _model()
+    opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = _batch()
+    before = [p.detach().clone() for p in model.parameters()]
+    _closure(model, x, y)()
+    opt.first_step(zero_grad=True)
+
+    def failing():
+        raise KeyError("a callback failed")
+
+    with pytest.raises(KeyError):
+        opt.step(failing)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    _closure(model, x, y)()
+    opt.first_step(zero_grad=True)
+    _closure(model, x, y)()
+    assert opt.step(lambda: torch.tensor(3.0)) == 3.0
+
+
+def test_a_failed_grad_scaler_step_leaves_no_stale_scale_on_the_optimizer():
+    model = _model()
+    opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = _batch()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    with pytest.raises(RuntimeError, match="no SAM step is pending"):
+        scaler.step(opt)  # forgot first_step()
+    assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
+
+
+def test_the_frozen_statistics_model_is_not_carried_by_copies():
+    model = _model()
+    model.register_forward_hook(lambda m, i, o: o)  # a lambda: the model itself cannot be pickled
+    opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt.freeze_running_stats_in_second_pass(model)
+    pickle.dumps(opt)
+
+
+def test_non_tensor_params_and_noised_step_errors():
+    with pytest.raises(TypeError, match="only optimize Tensors"):
+        sam_kernels.SAM([1.0], torch.optim.SGD, lr=0.1)
+    model = _model()
+    opt = sam_kernels.RSAM(model.parameters(), torch.optim.SGD, lr=0.1, seed=1)
+    opt.noise_step()
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt.step()
+    opt.restore()

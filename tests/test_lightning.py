@@ -169,3 +169,44 @@ def test_manual_optimization_with_16_mixed_steps_and_never_leaves_weights_pertur
     assert all(torch.isfinite(p).all() for p in module.net.parameters())
     # The other steps trained.
     assert any(not torch.equal(p, q) for p, q in zip(module.net.parameters(), module.before))
+
+
+def test_the_lightning_optimizer_wrapper_reaches_the_real_optimizer():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    net = _net()
+    real = sam_kernels.RSAM(net.parameters(), torch.optim.SGD, lr=0.1, seed=1)
+    wrapper = LightningOptimizer(real)
+    wrapper.load_sam_state_dict({"seed": 99, "step": 4})
+    assert (real.seed, real.noise_step_count) == (99, 4) and wrapper.sam_state_dict()["seed"] == 99
+    assert wrapper.param_groups is real.param_groups
+    x, y = _data()
+    nn.functional.cross_entropy(net(x[:BATCH]), y[:BATCH]).backward()
+    wrapper.zero_grad()
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_manual_16_mixed_equals_a_hand_loop_with_a_grad_scaler():
+    x, y = _data()
+    net = _net()
+    twin = copy.deepcopy(net)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plugin = pl.plugins.precision.MixedPrecision("16-mixed", device, torch.amp.GradScaler(device))
+    _trainer(plugins=[plugin]).fit(Manual(net), _loader(x, y))
+
+    opt = _sam(twin.parameters())
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    scaler = torch.amp.GradScaler(device)
+    for xb, yb in zip(x.split(BATCH), y.split(BATCH)):
+        opt.zero_grad()
+        for _ in range(2):
+            with torch.autocast(device, dtype=torch.float16):
+                loss = nn.functional.cross_entropy(twin(xb), yb)
+            scaler.scale(loss).backward()
+            if _ == 0:
+                opt.first_step(zero_grad=True)
+        opt.second_step(scaler=scaler)
+        scaler.update()
+        sched.step()
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

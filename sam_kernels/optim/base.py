@@ -162,9 +162,12 @@ class SharpnessAwareOptimizer(Optimizer):
         self._nonfinite: Tensor | None = None
         self._nonfinite_count: Tensor | None = None
         self._step_hooks_open = False  # the pre hooks fired for the step under way, the post hooks not yet
-        self._left_grads: list[tuple[weakref.ref, int]] | None = None  # the grads step(closure) left behind
+        self._in_closure_step = False  # step(closure) runs: it fired the pre hooks itself
+        # One gradient step(closure) left behind (and its version): finding another there means a backward
+        # ran outside the closure. One param is checked, not all: the check is on every step's host path.
+        self._left_grad: tuple[weakref.ref, int] | None = None
         self._warned_grads = False
-        self._second_pass_model: torch.nn.Module | None = None
+        self._second_pass_model: weakref.ref | None = None
 
     # ----------------------------------------------------------- construction
     def _check_no_key_clash(self, base: Optimizer) -> None:
@@ -475,14 +478,18 @@ class SharpnessAwareOptimizer(Optimizer):
         else:
             self._expect("perturbed", "second_step()", "call first_step() after the first backward pass")
         sam_step = self._phase != "idle"
-        self._put_back()
-        if sam_step:
-            self._before_base_step()
-        with hooks.global_hooks_silenced():  # one SAM step fires the global step hooks once (hooks.py)
-            if scaler is not None:
-                scaler_step(self, scaler)
-            elif unscale_for_grad_scaler(self):  # GradScaler.step(opt) called step(): its unscale and skip
-                self.base_optimizer.step()
+        try:
+            self._put_back()
+            if sam_step:
+                self._before_base_step()
+            with hooks.global_hooks_silenced():  # one SAM step fires the global step hooks once (hooks.py)
+                if scaler is not None:
+                    scaler_step(self, scaler)
+                elif unscale_for_grad_scaler(self):  # GradScaler.step(opt) called step(): its unscale and skip
+                    self.base_optimizer.step()
+        except BaseException:
+            self._step_hooks_open = False  # the step failed: no post hooks, the next step fires its pre hooks
+            raise
         self._opt_called = True  # tells torch LR schedulers that the optimizer stepped
         if sam_step:
             self._after_second_step()
@@ -523,41 +530,66 @@ class SharpnessAwareOptimizer(Optimizer):
         hooks), then :meth:`second_step`. This is how frameworks that own the
         ``optimizer.step()`` call (Lightning, ``GradScaler.step(opt)``) run SAM.
         """
+        try:
+            return self._run_step(closure, scaler)
+        except BaseException:
+            # GradScaler.step(opt) sets these for the one call; it does not remove them when step() raises.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _run_step(self, closure: Callable[[], Any] | None, scaler: "torch.amp.GradScaler | None") -> Any:
         if self._phase == "perturbed":
-            if closure is not None:
-                with torch.enable_grad():
-                    closure()
-            return self.second_step(scaler=scaler)
+            loss = None
+            try:
+                if closure is not None:
+                    with torch.enable_grad():
+                        loss = closure()
+                self.second_step(scaler=scaler)
+            except BaseException:
+                self.restore()
+                raise
+            return loss
+        if self._phase == "noised":
+            self._expect("perturbed", "step()", "call first_step() after the first backward pass")
         if closure is None:
             raise RuntimeError(
-                f"{type(self).__name__}.step() needs a closure that runs forward and backward and returns the loss "
-                "(it is called twice); or run the step explicitly: first_step() after the first backward, then "
-                "step() or second_step() after the second (with a framework's GradScaler, e.g. Lightning's "
-                "precision='16-mixed', use manual optimization that way)"
+                f"{type(self).__name__}.step() was called without a closure and no SAM step is pending "
+                f"({_PHASE_TEXT[self._phase]}, first_step() has not run). step() needs a closure that runs forward "
+                "and backward and returns the loss (it is called twice); or run the step explicitly: first_step() "
+                "after the first backward, then step() or second_step() after the second. A framework that calls "
+                "optimizer.step() itself needs its recipe (README, 'Training stacks'): transformers' Trainer -> "
+                "sam_kernels.integrations.transformers.SAMTrainer; accelerate -> "
+                "sam_kernels.integrations.accelerate.prepare(); Lightning with accumulation or "
+                "precision='16-mixed' -> manual optimization"
             )
-        self._expect("idle", "step()", "call second_step() to finish the step under way, or restore()")
-        args, kwargs = hooks.fire_pre_hooks(self, (self, closure), {"scaler": scaler} if scaler is not None else {})
-        self._step_hooks_open = True
-        _, closure, *rest = args
-        scaler = kwargs.get("scaler", rest[0] if rest else None)
-        self._warn_if_gradients_were_given()
-        closure = torch.enable_grad()(closure)
-        second_pass = (frozen_running_stats(self._second_pass_model) if self._second_pass_model is not None
-                       else contextlib.nullcontext())
-        try:
-            self._before_first_forward()
-            self.zero_grad()
-            loss = closure()
-            if self.sam_step_due:
-                self.first_step(zero_grad=True)
-                with second_pass:
-                    closure()
-            self.second_step(scaler=scaler)
-        except BaseException:
-            self.restore()
-            raise
-        self._remember_left_grads()
-        return loss
+        with torch.autograd.profiler.record_function(f"Optimizer.step#{type(self).__name__}.step"):
+            args, kwargs = hooks.fire_pre_hooks(self, (self, closure), {"scaler": scaler} if scaler is not None
+                                                else {})
+            _, closure, *rest = args
+            scaler = kwargs.get("scaler", rest[0] if rest else None)
+            self._warn_if_gradients_were_given()
+            closure = torch.enable_grad()(closure)
+            model = self._second_pass_model() if self._second_pass_model is not None else None
+            second_pass = frozen_running_stats(model) if model is not None else contextlib.nullcontext()
+            self._step_hooks_open, self._in_closure_step = True, True
+            try:
+                self._before_first_forward()
+                self.zero_grad()
+                loss = closure()
+                if self.sam_step_due:
+                    self.first_step(zero_grad=True)
+                    with second_pass:
+                        closure()
+                self.second_step(scaler=scaler)
+            except BaseException:
+                self.restore()
+                raise
+            finally:
+                self._in_closure_step = False
+            self._optimizer_step_code()
+            self._remember_left_grad()
+            return loss
 
     @property
     def sam_step_due(self) -> bool:
@@ -591,14 +623,18 @@ class SharpnessAwareOptimizer(Optimizer):
         BatchNorm running statistics then only see the first pass (``None`` undoes it)."""
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"freeze_running_stats_in_second_pass() takes an nn.Module or None, got {model!r}")
-        self._second_pass_model = model
+        # A weak reference: the optimizer does not keep the model alive, and copies of the optimizer do not
+        # carry it (register the copy's model again).
+        self._second_pass_model = weakref.ref(model) if model is not None else None
 
     # ------------------------------------------------------------ step hooks
     def _open_step_hooks(self) -> None:
-        """The first call of a step (first_step, or noise_step): the pre hooks fire, once."""
-        if not self._step_hooks_open:
-            hooks.fire_pre_hooks(self, (self,), {})  # explicit API: new args a hook returns have no use here
-            self._step_hooks_open = True
+        """The first call of a step (first_step, or noise_step): the pre hooks fire, once. A call while the
+        weights are not moved starts a step (an earlier one that failed or was restored fired no post hooks)."""
+        if self._in_closure_step or (self._step_hooks_open and self._phase != "idle"):
+            return
+        hooks.fire_pre_hooks(self, (self,), {})  # explicit API: new args a hook returns have no use here
+        self._step_hooks_open = True
 
     def _close_step_hooks(self) -> None:
         if self._step_hooks_open:
@@ -606,30 +642,35 @@ class SharpnessAwareOptimizer(Optimizer):
             hooks.fire_post_hooks(self, (self,), {})
 
     # ------------------------------------------------------------ gradients given to step(closure)
-    def _remember_left_grads(self) -> None:
-        self._left_grads = [
-            (weakref.ref(p.grad), p.grad._version) for g in self.param_groups for p in g["params"] if p.grad is not None
-        ]
+    def _remember_left_grad(self) -> None:
+        grad = next((p.grad for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        self._left_grad = None if grad is None else (weakref.ref(grad), grad._version)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self._left_grad is not None:  # zeroed in place: still the gradient step(closure) left
+            self._remember_left_grad()
 
     def _warn_if_gradients_were_given(self) -> None:
-        """step(closure) clears .grad: warn (once) when it holds gradients that step() did not leave there."""
+        """step(closure) clears .grad: warn (once) when it holds gradients that step() did not leave there
+        (checked on the first param that has one: a backward outside the closure reaches it too)."""
         if self._warned_grads:
             return
-        left = {id(ref()): version for ref, version in (self._left_grads or ()) if ref() is not None}
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = p.grad
-                if grad is not None and left.get(id(grad)) != grad._version:
-                    self._warned_grads = True
-                    warnings.warn(
-                        f"{type(self).__name__}.step(closure) found parameters that already hold gradients "
-                        "(a backward outside the closure: gradient accumulation, or a loop ported from another "
-                        "SAM library); step(closure) clears them and runs both passes itself, so they are "
-                        "discarded. To accumulate, use the explicit API: backward over the micro-batches, "
-                        "first_step(), backward over them again, second_step(). (Warned once.)",
-                        UserWarning, stacklevel=3,
-                    )
-                    return
+        grad = next((p.grad for g in self.param_groups for p in g["params"] if p.grad is not None), None)
+        if grad is None:
+            return
+        left = self._left_grad
+        if left is not None and left[0]() is grad and left[1] == grad._version:
+            return
+        self._warned_grads = True
+        warnings.warn(
+            f"{type(self).__name__}.step(closure) found parameters that already hold gradients (a backward "
+            "outside the closure: gradient accumulation, or a loop ported from another SAM library); "
+            "step(closure) clears them and runs both passes itself, so they are discarded. To accumulate, use "
+            "the explicit API: backward over the micro-batches, first_step(), backward over them again, "
+            "second_step(). (Warned once.)",
+            UserWarning, stacklevel=_user_stacklevel(),
+        )
 
     # --------------------------------------------------------- checkpoints
     def _extra_state(self) -> dict[str, Any]:
@@ -689,7 +730,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # ------------------------------------------------------------ copies
     # What a step caches from the live objects: rebuilt after a copy (and the native plan cannot be pickled).
-    _NOT_COPIED = ("_cached_plan", "_step_plan", "_left_grads")
+    _NOT_COPIED = ("_cached_plan", "_step_plan", "_left_grad", "_second_pass_model")
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything (base optimizer, backend, seed/step, ...) but the caches and, as torch does, the hooks."""
@@ -700,7 +741,8 @@ class SharpnessAwareOptimizer(Optimizer):
             )
         return {
             key: value for key, value in self.__dict__.items()
-            if key not in self._NOT_COPIED and not key.startswith("_optimizer_")
+            # "step": an LR scheduler's wrapper of this object's step, bound to the original
+            if key not in self._NOT_COPIED and key != "step" and not key.startswith("_optimizer_")
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -729,7 +771,8 @@ class SharpnessAwareOptimizer(Optimizer):
 
 # The step methods a framework's optimizer wrapper may expose (below).
 _EXPLICIT_API = ("noise_step", "first_step", "second_step", "restore", "add_param_group", "state_dict",
-                 "load_state_dict", "freeze_running_stats_in_second_pass")
+                 "load_state_dict", "sam_state_dict", "load_sam_state_dict", "freeze_running_stats_in_second_pass",
+                 "zero_grad")
 
 
 def _on_wrapped_optimizer(method: Callable) -> Callable:
@@ -758,3 +801,16 @@ def _squared_norm(grads: list[Tensor]) -> float:
     if any(is_sharded(g) for g in grads):
         raise NotImplementedError("the adaptive schedule does not support sharded (DTensor) gradients yet")
     return float(sum(torch.linalg.vector_norm(g, dtype=torch.float64) ** 2 for g in grads))
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside sam_kernels and torch (a warning points at the user's line)."""
+    import os
+    import sys
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith((package, torch_dir)):
+        frame, level = frame.f_back, level + 1
+    return level
