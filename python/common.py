@@ -131,12 +131,18 @@ class SmallResNet(nn.Module):
         return self.head(self.stages(self.stem(x)).mean(dim=(2, 3)))
 
 
-def small_cnn(in_channels: int = 1, classes: int = 10) -> nn.Module:
+def small_cnn(in_channels: int = 1, classes: int = 10, width: int = 16) -> nn.Module:
+    """Three 3×3 convolutions of widths (w, 2w, 2w) with ReLU and max pooling, then a linear head.
+
+    Every non-linearity is positively homogeneous (ReLU, max pooling), so scaling an output channel of a
+    convolution (its filter and bias) by α > 0 and the matching inputs of the next layer by 1/α leaves the
+    function unchanged (the rescaling of ASAM's Theorem 1, used by sharpness_gap.py).
+    """
     return nn.Sequential(
-        nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 2 * 2, classes),
+        nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(2),
+        nn.Flatten(), nn.Linear(2 * width * 2 * 2, classes),
     )
 
 
@@ -190,8 +196,11 @@ class History:
 
 
 def train(model: nn.Module, optimizer_name: str, data: Dataset, *, seed: int, epochs: int, batch_size: int,
-          lr: float, weight_decay: float, backend: str, progress=None) -> History:
-    """Train with SGD-momentum (or its SAM wrapper), a per-step cosine schedule and weight decay."""
+          lr: float, weight_decay: float, backend: str, progress=None, on_epoch=None) -> History:
+    """Train with SGD-momentum (or its SAM wrapper), a per-step cosine schedule and weight decay.
+
+    ``on_epoch(epoch, model)``, when given, is called after each epoch (1-based), e.g. to keep checkpoints.
+    """
     torch.manual_seed(seed)
     optimizer = make_optimizer(optimizer_name, model.parameters(), lr=lr, weight_decay=weight_decay, backend=backend)
     steps_per_epoch = (len(data.train_y) + batch_size - 1) // batch_size
@@ -211,6 +220,8 @@ def train(model: nn.Module, optimizer_name: str, data: Dataset, *, seed: int, ep
             scheduler.step()
         history.train_loss.append(float(epoch_loss) / len(data.train_y))
         history.test_accuracy.append(evaluate(model, data.test_x, data.test_y)[0])
+        if on_epoch is not None:
+            on_epoch(len(history.train_loss), model)
         if progress is not None:
             progress.set_postfix(loss=f"{history.train_loss[-1]:.3f}", acc=f"{100 * history.test_accuracy[-1]:.1f}%")
             progress.update(1)
