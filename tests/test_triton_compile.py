@@ -1,6 +1,12 @@
-"""Every Triton kernel compiles for sm_90 (H100) without a GPU: GPU-only compile errors fail CI."""
+"""Every Triton kernel compiles for sm_90 (H100) without a GPU: GPU-only compile errors fail CI.
+
+The same compilation checks what the machine code of the element-wise kernels looks like (issue 12):
+full tiles load 16 bytes per instruction, no element pays a 64-bit division, and registers stay
+within a budget that keeps several blocks resident per SM.
+"""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -8,12 +14,77 @@ import pytest
 
 pytest.importorskip("triton")
 
+VARIANTS = 57  # compile_check._configurations()
 
-def test_all_triton_kernels_compile_for_sm90():
+# Registers per thread at num_warps = 8 (256 threads per block). An SM of sm_90 has 65,536 registers
+# and holds at most 64 warps. The kernels stream memory: what keeps HBM busy is bytes in flight per SM,
+# about bandwidth × latency / SMs ≈ 3.35 TB/s × ~1 µs / 132 ≈ 25 KB. A thread of a full float32 tile
+# has two 16-byte loads per stream in flight (BLOCK / 256 = 8 elements).
+#   streaming kernels (restore, norm sums, perturb): ≤ 64 → 4 blocks = 32 warps per SM, ≥ 64 KB in flight;
+#   noise kernels (Philox + Box–Muller, ALU-heavy): ≤ 80 → 3 blocks (3 × 80 × 256 = 61,440 registers);
+#   float64 (two registers per value): ≤ 128 → 2 blocks.
+BUDGET = {"stream": 64, "noise": 80, "fp64": 128}
+NOISE_KERNELS = {"add_noise_kernel", "noise_grad_sums_kernel", "mix_perturb_kernel"}
+ELEMENTWISE = {"restore_kernel", "scaled_grad_sq_sum_kernel", "perturb_kernel"} | NOISE_KERNELS
+
+_LINE = re.compile(r"^(\w+) (\S+) num_warps=(\d+) regs=(\w+) stack=(\w+) vector_loads=(\d+) div64=(\d+)$")
+
+
+@pytest.fixture(scope="module")
+def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run(
-        [sys.executable, "-m", "sam_kernels.backends.triton_backend.compile_check", "--arch", "90"],
+        [sys.executable, "-m", "sam_kernels.backends.triton_backend.compile_check", "--arch", "90", "--report"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "compiled 44 Triton kernel variants for sm_90" in result.stdout
+    rows = []
+    for line in result.stdout.splitlines():
+        match = _LINE.match(line)
+        if match:
+            name, variant, warps, regs, stack, vectors, div64 = match.groups()
+            rows.append({
+                "name": name, "variant": dict(item.split("=") for item in variant.split(",")),
+                "num_warps": int(warps), "regs": None if regs == "None" else int(regs),
+                "vector_loads": int(vectors), "div64": int(div64), "line": line,
+            })
+    return result.stdout, rows
+
+
+def test_all_triton_kernels_compile_for_sm90(report):
+    stdout, rows = report
+    assert f"compiled {VARIANTS} Triton kernel variants for sm_90" in stdout
+    assert len(rows) == VARIANTS
+
+
+def test_full_tiles_of_aligned_lists_use_vector_loads(report):
+    _, rows = report
+    aligned = [r for r in rows if r["name"] in ELEMENTWISE and r["variant"].get("ALIGNED") == "True"]
+    assert len(aligned) == 40  # float32 13, bfloat16 9, float16 9, float64 9
+    assert {r["variant"]["W_DTYPE"] for r in aligned} == {"fp32", "bf16", "fp16", "fp64"}
+    missing = [r["line"] for r in aligned if r["vector_loads"] == 0]
+    assert not missing, "no ld.global.v2/v4 in:\n" + "\n".join(missing)
+
+
+def test_no_element_pays_a_64_bit_division(report):
+    # One 64-bit division per tile (an element's filter: start // fsize) in each of the two branches,
+    # full and partial tile; per element it would be BLOCK / threads = 8 of them.
+    _, rows = report
+    over = [r["line"] for r in rows if r["name"] in ELEMENTWISE and r["div64"] > 2]
+    assert not over, "\n".join(over)
+
+
+def test_registers_within_budget(report):
+    _, rows = report
+    rows = [r for r in rows if r["name"] in ELEMENTWISE]
+    if any(r["regs"] is None for r in rows):
+        pytest.skip("no cuobjdump to read the register counts")
+    assert all(r["num_warps"] == 8 for r in rows)
+
+    def budget(r):
+        if r["variant"]["W_DTYPE"] == "fp64":
+            return BUDGET["fp64"]
+        return BUDGET["noise"] if r["name"] in NOISE_KERNELS else BUDGET["stream"]
+
+    over = [f"{r['line']} (budget {budget(r)})" for r in rows if r["regs"] > budget(r)]
+    assert not over, "\n".join(over)

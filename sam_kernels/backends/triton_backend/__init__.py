@@ -4,8 +4,17 @@ Per step and bucket: SAM/ASAM run one reduction launch (plus a filter-norm
 launch for filter-wise ASAM) and one perturb launch; restore is one launch.
 R-SAM's δ₀ is regenerated inside the kernels from the Philox stream and never
 stored. Tensors the kernels do not take — non-contiguous weights or
-gradients — go to the foreach backend in the same call; the reason is kept in
-:data:`ROUTED_TO_FOREACH` (shape → reason) for inspection.
+gradients, saved copies of another dtype, filters of more than
+:data:`MAX_FILTER` elements, shards at a noise offset — go to the foreach
+backend in the same call; the reason is kept in :data:`ROUTED_TO_FOREACH`
+(shape → reason) for inspection.
+
+Host metadata is cached (issue 19): each operation keeps a plan per signature
+of its lists (shapes, dtypes, contiguity, device; see :func:`_plan`) holding
+the buckets and tile tables, and within a plan the pointer tables of each list
+(keyed by the addresses) and the hyperparameter and scale-slot arrays (keyed by
+their values). A step with unchanged lists builds nothing; reallocated
+gradients rebuild one pointer table. :data:`STATS` counts the builds.
 
 CUDA tensors use the compiled kernels. With ``TRITON_INTERPRET=1`` set before
 import, CPU tensors run through Triton's interpreter (slow; for tests).
@@ -14,8 +23,10 @@ import, CPU tensors run through Triton's interpreter (slow; for tests).
 from __future__ import annotations
 
 import functools
+import operator
 import os
 import sys
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +50,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 8192 if INTERPRETED else 2048
 FILTER_ROWS, FILTER_COLS = (8, 1024) if INTERPRETED else (4, 256)
 NUM_WARPS = 8
+# Element-wise kernels find an element's filter with a 32-bit division (kernels._filter_value): filters
+# of more elements go to foreach (a tensor itself may have any number of elements).
+MAX_FILTER = 2**31 - 2**16
 
 ROUTED_TO_FOREACH: dict[tuple[int, ...], str] = {}
 
@@ -63,65 +77,188 @@ def supports(device: torch.device) -> bool:
 
 # ------------------------------------------------------------------ buckets
 class _Bucket:
-    """Positions of the tensors one launch covers, with their shared layout."""
+    """Positions of the tensors one launch covers, with their shared layout (no tensor is kept)."""
 
-    def __init__(self, positions: list[int], weights: list[Tensor], grad_dtype: torch.dtype | None):
+    def __init__(self, positions: list[int], shapes: list[torch.Size], device: torch.device,
+                 w_dtype: torch.dtype, g_dtype: torch.dtype | None):
         self.positions = positions
-        self.weights = [weights[i] for i in positions]
-        self.device = self.weights[0].device
-        self.w_dtype = self.weights[0].dtype
-        self.g_dtype = grad_dtype or self.w_dtype
-        self.acc = accumulation_dtype(self.w_dtype)
-        self.layout = L.static_layout(tuple(tuple(w.shape) for w in self.weights), self.device, BLOCK, FILTER_ROWS)
+        self.device = device
+        self.w_dtype = w_dtype
+        self.g_dtype = g_dtype or w_dtype
+        self.acc = accumulation_dtype(w_dtype)
+        self.layout = L.static_layout(tuple(tuple(shapes[i]) for i in positions), device, BLOCK, FILTER_ROWS)
+        self.no_filter_norms = torch.zeros(1, dtype=self.acc, device=device)  # the argument when no mode reads it
 
     def take(self, items: Sequence) -> list:
         return [items[i] for i in self.positions]
 
-    def floats(self, values: Sequence[float]) -> Tensor:
-        """Per-tensor hyperparameters in the accumulation dtype (float64 keeps η exact for float64 params)."""
-        return L.floats(self.take(values), self.device, self.acc)
-
-    def ints(self, values: Sequence[int]) -> Tensor:
-        return L.ints(self.take(values), self.device)
-
     def dtypes(self) -> dict:
         return {"W_DTYPE": _TL_DTYPES[self.w_dtype], "ACC": _TL_DTYPES[self.acc]}
 
-    def filter_norms(self, weights: list[Tensor]) -> Tensor:
+    def filter_norms(self, w_ptrs: Tensor) -> Tensor:
         """‖f_i‖ of every filter of the bucket's ndim ≥ 2 tensors, one launch."""
         out = torch.empty(max(self.layout.total_filters, 1), dtype=self.acc, device=self.device)
         if self.layout.has_filters:
             K.filter_norm_kernel[(self.layout.num_ftiles,)](
-                self.layout.ftile_tensor, self.layout.ftile_row, L.pointers(weights), self.layout.fsizes,
+                self.layout.ftile_tensor, self.layout.ftile_row, w_ptrs, self.layout.fsizes,
                 self.layout.n_filters, self.layout.fnorm_offs, out,
                 ROWS=FILTER_ROWS, COLS=FILTER_COLS, num_warps=4, **self.dtypes(),
             )
         return out
 
 
-def _split(
-    weights: Sequence[Tensor], others: Sequence[Sequence[Tensor]], element_offsets: Sequence[int] | None = None
-) -> tuple[list[_Bucket], list[int]]:
-    """Buckets of kernel-ready tensors and the positions that go to foreach (with the reason kept)."""
-    by_key: dict[tuple, list[int]] = {}
-    fallback = []
-    grads = others[0] if others else None
-    for i, w in enumerate(weights):
-        tensors = [w] + [o[i] for o in others]
-        if w.numel() == 0:
-            continue  # nothing to do, on any backend
-        if not all(t.is_contiguous() for t in tensors):
-            ROUTED_TO_FOREACH[tuple(w.shape)] = "non-contiguous weight or gradient"
-            fallback.append(i)
-            continue
-        if element_offsets and element_offsets[i]:
-            ROUTED_TO_FOREACH[tuple(w.shape)] = "shard of a bigger tensor (noise stream offset)"
-            fallback.append(i)
-            continue
-        key = (w.dtype, grads[i].dtype if grads is not None else None)
-        by_key.setdefault(key, []).append(i)
-    buckets = [_Bucket(positions, list(weights), key[1]) for key, positions in by_key.items()]
-    return buckets, fallback
+_size = Tensor.size
+_data_ptr = Tensor.data_ptr
+_is_contiguous = Tensor.is_contiguous
+_dtype_of = operator.attrgetter("dtype")
+
+
+class _Plan:
+    """The buckets of one call signature and the device arrays derived from them.
+
+    Built once per signature (see :func:`_plan`) and reused while it holds. The
+    per-tensor arrays that can change while the layout does not — addresses,
+    hyperparameters, scale slots — are rebuilt when their values change, per
+    list: a gradient list reallocated every step (``zero_grad(set_to_none=True)``)
+    costs one small pointer table, not a new plan.
+    """
+
+    def __init__(self, weights: Sequence[Tensor], grads: Sequence[Tensor] | None, saved: Sequence[Tensor] | None,
+                 element_offsets: Sequence[int] | None):
+        STATS["plans"] += 1
+        by_key: dict[tuple, list[int]] = {}
+        self.fallback: list[int] = []
+        shapes = list(map(_size, weights))
+        for i, w in enumerate(weights):
+            tensors = [w] + [lst[i] for lst in (grads, saved) if lst is not None]
+            if w.numel() == 0:
+                continue  # nothing to do, on any backend
+            if not all(t.is_contiguous() for t in tensors):
+                ROUTED_TO_FOREACH[tuple(w.shape)] = "non-contiguous weight or gradient"
+                self.fallback.append(i)
+                continue
+            if w.dim() >= 2 and w.numel() // w.shape[0] > MAX_FILTER:
+                ROUTED_TO_FOREACH[tuple(w.shape)] = f"filter of more than {MAX_FILTER} elements"
+                self.fallback.append(i)
+                continue
+            if saved is not None and saved[i].dtype != w.dtype:
+                ROUTED_TO_FOREACH[tuple(w.shape)] = "saved copy's dtype differs from the weight's"
+                self.fallback.append(i)
+                continue
+            if element_offsets and element_offsets[i]:
+                ROUTED_TO_FOREACH[tuple(w.shape)] = "shard of a bigger tensor (noise stream offset)"
+                self.fallback.append(i)
+                continue
+            key = (w.dtype, grads[i].dtype if grads is not None else None)
+            by_key.setdefault(key, []).append(i)
+        device = weights[0].device
+        self.buckets = [_Bucket(positions, shapes, device, *key) for key, positions in by_key.items()]
+        self._pointers: dict[int, OrderedDict[tuple[int, ...], list[Tensor]]] = {}
+        self._arrays: dict[str, tuple[tuple, list[Tensor]]] = {}
+        self._slots: dict[str, tuple[tuple, list[int], list[Tensor]]] = {}
+
+    def pointers(self, *lists: Sequence[Tensor] | None) -> list[tuple[list[Tensor], bool]]:
+        """Per bucket, the int64 device arrays of the addresses of each list (weights, gradients,
+        saved; None where the call has no such list) and whether every address is 16-byte aligned.
+
+        The last few address sets of each list are kept: gradients freed and
+        reallocated every step often come back at the same few addresses.
+        """
+        per_list = []
+        for which, tensors in enumerate(lists):
+            if tensors is None:
+                continue
+            addresses = tuple(map(_data_ptr, tensors))
+            tables = self._pointers.setdefault(which, OrderedDict())
+            made = tables.get(addresses)
+            if made is None:
+                STATS["pointer_tables"] += 1
+                made = tables[addresses] = [
+                    (L.device_array(take, torch.int64, b.device), all(a % 16 == 0 for a in take))
+                    for b in self.buckets for take in [b.take(addresses)]
+                ]
+                if len(tables) > _POINTER_SETS:
+                    tables.popitem(last=False)
+            else:
+                tables.move_to_end(addresses)
+            per_list.append(made)
+        return [([table for table, _ in made], all(aligned for _, aligned in made)) for made in zip(*per_list)]
+
+    def array(self, name: str, values: Sequence, kind: str = "acc") -> list[Tensor]:
+        """Per bucket, a device array of per-tensor values: floats in the accumulation dtype, or int64."""
+        key = tuple(values)
+        cached = self._arrays.get(name)
+        if cached is None or cached[0] != key:
+            STATS["arrays"] += 1
+            if kind == "acc":
+                made = [L.device_array([float(v) for v in b.take(key)], b.acc, b.device) for b in self.buckets]
+            else:
+                made = [L.device_array([int(v) for v in b.take(key)], torch.int64, b.device) for b in self.buckets]
+            cached = (key, made)
+            self._arrays[name] = cached
+        return cached[1]
+
+    def slots(self, name: str, *per_tensor: Sequence[Tensor]) -> tuple[list[list[Tensor]], list[Tensor]]:
+        """The distinct tensor tuples (by identity) of parallel per-tensor lists and, per bucket, each
+        tensor's slot among them (an int32 device array).
+
+        The scales of one param group are one tensor object shared by its
+        tensors, so the slots index a short per-group vector; new scale objects
+        every step with the same sharing reuse the slot arrays.
+        """
+        ids = tuple(zip(*(map(id, items) for items in per_tensor))) if len(per_tensor) > 1 else \
+            tuple(map(id, per_tensor[0]))
+        cached = self._slots.get(name)
+        if cached is None or cached[0] != ids:
+            index: dict = {}
+            slots, firsts = [], []
+            for key in ids:
+                slot = index.get(key)
+                if slot is None:
+                    slot = index[key] = len(firsts)
+                    firsts.append(len(slots))
+                slots.append(slot)
+            if cached is None or cached[1] != slots:
+                STATS["arrays"] += 1
+                arrays = [L.device_array(b.take(slots), torch.int32, b.device) for b in self.buckets]
+            else:
+                arrays = cached[2]
+            cached = (ids, slots, arrays, firsts)
+            self._slots[name] = cached
+        firsts = cached[3]
+        return [[items[i] for i in firsts] for items in per_tensor], cached[2]
+
+
+STATS = {"plans": 0, "pointer_tables": 0, "arrays": 0}  # builds, for tests and benchmarks
+_PLANS: OrderedDict = OrderedDict()
+_PLAN_CACHE_SIZE = 64
+_POINTER_SETS = 4  # address sets kept per list of a plan
+
+
+def _plan(op: str, weights: Sequence[Tensor], grads: Sequence[Tensor] | None = None,
+          saved: Sequence[Tensor] | None = None, element_offsets: Sequence[int] | None = None) -> _Plan:
+    """The cached plan of the lists' signature: shapes, dtypes, contiguity, device and shard offsets.
+
+    Addresses are not part of it (a new storage or a reallocated gradient only
+    rebuilds that list's pointer table, see :meth:`_Plan.pointers`).
+    """
+    lists = [lst for lst in (weights, grads, saved) if lst is not None]
+    key = (
+        op,
+        weights[0].device,
+        tuple(map(_size, weights)),
+        tuple(tuple(map(_dtype_of, lst)) for lst in lists),
+        tuple(tuple(map(_is_contiguous, lst)) for lst in lists),
+        tuple(map(bool, element_offsets)) if element_offsets is not None and any(element_offsets) else None,
+    )
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _Plan(weights, grads, saved, element_offsets)
+        if len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
 
 
 def _on_tensors_device(op):
@@ -147,19 +284,24 @@ def filter_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
 def scaled_grad_sq_sum(
     params: Sequence[Tensor], grads: Sequence[Tensor], *, etas: Sequence[float], granularity: str | None
 ) -> Tensor:
-    buckets, fallback = _split(params, [grads])
+    plan = _plan("scaled_grad_sq_sum", params, grads)
     parts = []
-    for b in buckets:
-        weights, bucket_grads = b.take(params), b.take(grads)
-        fnorms = b.filter_norms(weights) if granularity == "filter" else weights[0]
+    if plan.buckets:
+        tables = plan.pointers(params, grads)
+        eta_arrays = plan.array("etas", etas)
+    for k, b in enumerate(plan.buckets):
+        (w_ptrs, g_ptrs), aligned = tables[k]
+        fnorms = b.filter_norms(w_ptrs) if granularity == "filter" else b.no_filter_norms
         partials = torch.empty(b.layout.num_tiles, dtype=b.acc, device=b.device)
         K.scaled_grad_sq_sum_kernel[(b.layout.num_tiles,)](
-            b.layout.tile_tensor, b.layout.tile_start, L.pointers(weights), L.pointers(bucket_grads),
-            b.layout.numels, b.floats(etas), b.layout.fsizes, b.layout.fnorm_offs, fnorms, partials,
-            G_DTYPE=_TL_DTYPES[b.g_dtype], MODE=_MODES[granularity], BLOCK=BLOCK, num_warps=NUM_WARPS, **b.dtypes(),
+            b.layout.tile_tensor, b.layout.tile_start, w_ptrs, g_ptrs,
+            b.layout.numels, eta_arrays[k], b.layout.fsizes, b.layout.fnorm_offs, fnorms, partials,
+            G_DTYPE=_TL_DTYPES[b.g_dtype], MODE=_MODES[granularity], BLOCK=BLOCK, ALIGNED=aligned,
+            num_warps=NUM_WARPS, **b.dtypes(),
         )
         parts.append(partials.sum())
-    if fallback:
+    if plan.fallback:
+        fallback = plan.fallback
         parts.append(_foreach.scaled_grad_sq_sum(
             _pick(params, fallback), _pick(grads, fallback), etas=_pick(etas, fallback), granularity=granularity))
     return _sum(parts, (), params[0].device)
@@ -176,38 +318,46 @@ def perturb_(
     granularity: str | None,
     p: float,
 ) -> None:
-    buckets, fallback = _split(params, [grads, saved])
-    for b in buckets:
-        weights = b.take(params)
-        fnorms = b.filter_norms(weights) if granularity == "filter" else weights[0]
-        (unique,), slots = L.shared_slots(b.take(scales))
+    plan = _plan("perturb_", params, grads, saved)
+    if plan.buckets:
+        tables = plan.pointers(params, grads, saved)
+        eta_arrays = plan.array("etas", etas)
+        (unique,), slot_arrays = plan.slots("scales", scales)
+        stacked = torch.stack(unique)
+    for k, b in enumerate(plan.buckets):
+        (w_ptrs, g_ptrs, s_ptrs), aligned = tables[k]
+        fnorms = b.filter_norms(w_ptrs) if granularity == "filter" else b.no_filter_norms
         K.perturb_kernel[(b.layout.num_tiles,)](
-            b.layout.tile_tensor, b.layout.tile_start, L.pointers(weights), L.pointers(b.take(grads)),
-            L.pointers(b.take(saved)), b.layout.numels, b.floats(etas), b.layout.fsizes, b.layout.fnorm_offs,
-            fnorms, L.ints(slots, b.device, torch.int32), torch.stack(unique).to(b.acc),
-            G_DTYPE=_TL_DTYPES[b.g_dtype], MODE=_MODES[granularity], P_INF=p != 2, BLOCK=BLOCK,
+            b.layout.tile_tensor, b.layout.tile_start, w_ptrs, g_ptrs, s_ptrs, b.layout.numels,
+            eta_arrays[k], b.layout.fsizes, b.layout.fnorm_offs, fnorms, slot_arrays[k], stacked.to(b.acc),
+            G_DTYPE=_TL_DTYPES[b.g_dtype], MODE=_MODES[granularity], P_INF=p != 2, BLOCK=BLOCK, ALIGNED=aligned,
             num_warps=NUM_WARPS, **b.dtypes(),
         )
-    if fallback:
+    if plan.fallback:
+        fallback = plan.fallback
         _foreach.perturb_(_pick(params, fallback), _pick(grads, fallback), _pick(saved, fallback),
                           _pick(scales, fallback), etas=_pick(etas, fallback), granularity=granularity, p=p)
 
 
 @_on_tensors_device
 def restore_(params: Sequence[Tensor], saved: Sequence[Tensor]) -> None:
-    buckets, fallback = _split(params, [saved])
-    for b in buckets:
+    plan = _plan("restore_", params, saved=saved)
+    if plan.buckets:
+        tables = plan.pointers(params, None, saved)
+    for k, b in enumerate(plan.buckets):
+        (w_ptrs, s_ptrs), aligned = tables[k]
         K.restore_kernel[(b.layout.num_tiles,)](
-            b.layout.tile_tensor, b.layout.tile_start, L.pointers(b.take(params)), L.pointers(b.take(saved)),
-            b.layout.numels, W_DTYPE=_TL_DTYPES[b.w_dtype], BLOCK=BLOCK, num_warps=NUM_WARPS,
+            b.layout.tile_tensor, b.layout.tile_start, w_ptrs, s_ptrs,
+            b.layout.numels, W_DTYPE=_TL_DTYPES[b.w_dtype], BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS,
         )
-    if fallback:
-        _foreach.restore_(_pick(params, fallback), _pick(saved, fallback))
+    if plan.fallback:
+        _foreach.restore_(_pick(params, plan.fallback), _pick(saved, plan.fallback))
 
 
-def _noise_args(b: _Bucket, gammas, stream: NoiseStream) -> tuple:
+def _noise_args(plan: _Plan, k: int, gammas, stream: NoiseStream) -> tuple:
     seed = stream.seed
-    return (b.floats(gammas), b.ints(stream.tensor_indices), seed & 0xFFFFFFFF, seed >> 32, stream.step & 0xFFFFFFFF)
+    return (plan.array("gammas", gammas)[k], plan.array("tensor_indices", stream.tensor_indices, "int")[k],
+            seed & 0xFFFFFFFF, seed >> 32, stream.step & 0xFFFFFFFF)
 
 
 @_on_tensors_device
@@ -218,17 +368,20 @@ def add_noise_(
     gammas: Sequence[float],
     stream: NoiseStream,
 ) -> None:
-    buckets, fallback = _split(params, [saved], stream.element_offsets)
-    for b in buckets:
-        weights = b.take(params)
-        fnorms = b.filter_norms(weights)
+    plan = _plan("add_noise_", params, saved=saved, element_offsets=stream.element_offsets)
+    if plan.buckets:
+        tables = plan.pointers(params, None, saved)
+    for k, b in enumerate(plan.buckets):
+        (w_ptrs, s_ptrs), aligned = tables[k]
+        fnorms = b.filter_norms(w_ptrs)
         K.add_noise_kernel[(b.layout.num_tiles,)](
-            b.layout.tile_tensor, b.layout.tile_start, L.pointers(weights), L.pointers(b.take(saved)),
+            b.layout.tile_tensor, b.layout.tile_start, w_ptrs, s_ptrs,
             b.layout.numels, b.layout.fsizes, b.layout.fnorm_offs, fnorms,
-            *_noise_args(b, gammas, stream),
-            BLOCK=BLOCK, num_warps=NUM_WARPS, **b.dtypes(),
+            *_noise_args(plan, k, gammas, stream),
+            BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS, **b.dtypes(),
         )
-    if fallback:
+    if plan.fallback:
+        fallback = plan.fallback
         _foreach.add_noise_(_pick(params, fallback), _pick(saved, fallback), gammas=_pick(gammas, fallback),
                             stream=stream.pick(fallback))
 
@@ -242,21 +395,26 @@ def noise_grad_sums(
     lams: Sequence[float],
     stream: NoiseStream,
 ) -> Tensor:
-    buckets, fallback = _split(saved, [grads], stream.element_offsets)
+    # The saved weights take the weights' place: they give the layout and the noise scale.
+    plan = _plan("noise_grad_sums", saved, grads, element_offsets=stream.element_offsets)
     parts = []
-    for b in buckets:
-        weights = b.take(saved)
-        fnorms = b.filter_norms(weights)
+    if plan.buckets:
+        tables = plan.pointers(saved, grads)
+        lam_arrays = plan.array("lams", lams)
+    for k, b in enumerate(plan.buckets):
+        (s_ptrs, g_ptrs), aligned = tables[k]
+        fnorms = b.filter_norms(s_ptrs)
         partials = torch.empty((b.layout.num_tiles, 4), dtype=b.acc, device=b.device)
-        gamma_arr, index_arr, key0, key1, step32 = _noise_args(b, gammas, stream)
+        gamma_arr, index_arr, key0, key1, step32 = _noise_args(plan, k, gammas, stream)
         K.noise_grad_sums_kernel[(b.layout.num_tiles,)](
-            b.layout.tile_tensor, b.layout.tile_start, L.pointers(b.take(grads)), L.pointers(weights),
-            b.layout.numels, b.layout.fsizes, b.layout.fnorm_offs, fnorms, gamma_arr, b.floats(lams), index_arr,
+            b.layout.tile_tensor, b.layout.tile_start, g_ptrs, s_ptrs,
+            b.layout.numels, b.layout.fsizes, b.layout.fnorm_offs, fnorms, gamma_arr, lam_arrays[k], index_arr,
             key0, key1, step32, partials,
-            G_DTYPE=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, num_warps=NUM_WARPS, **b.dtypes(),
+            G_DTYPE=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS, **b.dtypes(),
         )
         parts.append(partials.sum(0))
-    if fallback:
+    if plan.fallback:
+        fallback = plan.fallback
         parts.append(_foreach.noise_grad_sums(
             _pick(grads, fallback), _pick(saved, fallback), gammas=_pick(gammas, fallback),
             lams=_pick(lams, fallback), stream=stream.pick(fallback)))
@@ -274,19 +432,23 @@ def mix_perturb_(
     gammas: Sequence[float],
     stream: NoiseStream,
 ) -> None:
-    buckets, fallback = _split(params, [grads, saved], stream.element_offsets)
-    for b in buckets:
-        bucket_saved = b.take(saved)
-        fnorms = b.filter_norms(bucket_saved)
-        (unique_a, unique_b), slots = L.shared_slots(b.take(noise_coefs), b.take(grad_coefs))
+    plan = _plan("mix_perturb_", params, grads, saved, stream.element_offsets)
+    if plan.buckets:
+        tables = plan.pointers(params, grads, saved)
+        (unique_a, unique_b), slot_arrays = plan.slots("coefs", noise_coefs, grad_coefs)
+        stacked_a, stacked_b = torch.stack(unique_a), torch.stack(unique_b)
+    for k, b in enumerate(plan.buckets):
+        (w_ptrs, g_ptrs, s_ptrs), aligned = tables[k]
+        fnorms = b.filter_norms(s_ptrs)
         K.mix_perturb_kernel[(b.layout.num_tiles,)](
-            b.layout.tile_tensor, b.layout.tile_start, L.pointers(b.take(params)), L.pointers(b.take(grads)),
-            L.pointers(bucket_saved), b.layout.numels, b.layout.fsizes, b.layout.fnorm_offs, fnorms,
-            *_noise_args(b, gammas, stream),
-            L.ints(slots, b.device, torch.int32), torch.stack(unique_a).to(b.acc), torch.stack(unique_b).to(b.acc),
-            G_DTYPE=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, num_warps=NUM_WARPS, **b.dtypes(),
+            b.layout.tile_tensor, b.layout.tile_start, w_ptrs, g_ptrs,
+            s_ptrs, b.layout.numels, b.layout.fsizes, b.layout.fnorm_offs, fnorms,
+            *_noise_args(plan, k, gammas, stream),
+            slot_arrays[k], stacked_a.to(b.acc), stacked_b.to(b.acc),
+            G_DTYPE=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS, **b.dtypes(),
         )
-    if fallback:
+    if plan.fallback:
+        fallback = plan.fallback
         _foreach.mix_perturb_(
             _pick(params, fallback), _pick(grads, fallback), _pick(saved, fallback),
             _pick(noise_coefs, fallback), _pick(grad_coefs, fallback), gammas=_pick(gammas, fallback),

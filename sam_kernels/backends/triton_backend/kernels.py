@@ -36,38 +36,77 @@ NOISE_SCALARS = ["key0", "key1", "step"]  # never specialised: any value, one co
 
 @triton.jit
 def _tile(tile_tensor, tile_start, numels, BLOCK: tl.constexpr):
-    """Slot of this program's tensor, its element offsets (int64) and the in-bounds mask."""
+    """This program's tile: (pid, slot of its tensor, first element (int64), whether all BLOCK elements
+    are in the tensor, how many are (int32, ≤ BLOCK))."""
     pid = tl.program_id(0)
     slot = tl.load(tile_tensor + pid)
-    start = tl.load(tile_start + pid)
-    offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offsets < tl.load(numels + slot)
-    return pid, slot, start, offsets, mask
+    start = tl.multiple_of(tl.load(tile_start + pid), BLOCK)
+    remaining = tl.load(numels + slot) - start
+    return pid, slot, start, remaining >= BLOCK, tl.minimum(remaining, BLOCK).to(tl.int32)
 
 
 @triton.jit
-def _ptr(ptrs, slot, dtype: tl.constexpr):
-    return tl.load(ptrs + slot).to(tl.pointer_type(dtype))
+def _tile_ptr(ptrs, slot, start, dtype: tl.constexpr, ALIGNED: tl.constexpr):
+    """Address of element ``start`` of tensor ``slot`` (a scalar pointer: per-element offsets stay int32).
+
+    ALIGNED: every address of the table is a multiple of 16 bytes (the host checks), so full tiles
+    compile to 16-byte vector loads and stores.
+    """
+    base = tl.load(ptrs + slot).to(tl.pointer_type(dtype))
+    if ALIGNED:
+        base = tl.multiple_of(base, 16)
+    return base + start
 
 
 @triton.jit
-def _filter_value(w, offsets, mask, slot, fsizes, fnorm_offs, fnorms):
-    """‖f_i‖ of each element's filter (ndim ≥ 2) or |w| (ndim ≤ 1), in w's dtype."""
-    fsize = tl.load(fsizes + slot)
-    has_filters = fsize > 0
-    filter_index = offsets // tl.maximum(fsize, 1)
-    norm = tl.load(fnorms + tl.load(fnorm_offs + slot) + filter_index, mask=mask & has_filters, other=0.0)
+def _load(ptrs, mask, MASKED: tl.constexpr):
+    """Masked loads (zeros outside) for a partial tile; plain loads, which vectorise, for a full one."""
+    if MASKED:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store(ptrs, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptrs, x, mask=mask)
+    else:
+        tl.store(ptrs, x)
+
+
+@triton.jit
+def _filter_value(w, lanes, mask, start, slot, fsizes, fnorm_offs, fnorms, MASKED: tl.constexpr):
+    """‖f_i‖ of each element's filter (ndim ≥ 2) or |w| (ndim ≤ 1), in w's dtype.
+
+    Element start + l lies in filter start // fsize + (start % fsize + l) // fsize: one int64
+    division per tile, one 32-bit division per element (the host routes filters of more than
+    2³¹ − 2¹⁶ elements to foreach, so start % fsize + l < 2³¹).
+    """
+    fsize = tl.maximum(tl.load(fsizes + slot), 1)
+    has_filters = tl.load(fsizes + slot) > 0
+    first = start // fsize
+    within = (start - first * fsize).to(tl.uint32)
+    local = (within + lanes.to(tl.uint32)) // fsize.to(tl.uint32)
+    row_norms = fnorms + tl.load(fnorm_offs + slot) + first
+    if MASKED:
+        norm = tl.load(row_norms + local, mask=mask & has_filters, other=0.0)
+    else:
+        norm = tl.load(row_norms + local, mask=has_filters & (lanes >= 0), other=0.0)
     return tl.where(has_filters, norm.to(w.dtype), tl.abs(w))
 
 
 @triton.jit
-def _asam_scale(w, offsets, mask, slot, etas, fsizes, fnorm_offs, fnorms, MODE: tl.constexpr):
+def _asam_scale(w, lanes, mask, start, slot, etas, fsizes, fnorm_offs, fnorms, MODE: tl.constexpr,
+                MASKED: tl.constexpr):
     if MODE == 0:
         t = tl.full(w.shape, 1.0, w.dtype)
     elif MODE == 1:
         t = tl.abs(w) + tl.load(etas + slot).to(w.dtype)
     else:
-        t = _filter_value(w, offsets, mask, slot, fsizes, fnorm_offs, fnorms) + tl.load(etas + slot).to(w.dtype)
+        t = _filter_value(w, lanes, mask, start, slot, fsizes, fnorm_offs, fnorms, MASKED) \
+            + tl.load(etas + slot).to(w.dtype)
     return t
 
 
@@ -82,7 +121,7 @@ def filter_norm_kernel(
     rows = tl.load(ftile_row + pid) + tl.arange(0, ROWS).to(tl.int64)
     fsize = tl.load(fsizes + slot)
     row_mask = rows < tl.load(n_filters + slot)
-    w = _ptr(w_ptrs, slot, W_DTYPE)
+    w = tl.load(w_ptrs + slot).to(tl.pointer_type(W_DTYPE))
     acc = tl.zeros([ROWS, COLS], tl.float64)  # squares in float64: right over the dtype's whole range
     cols = tl.arange(0, COLS).to(tl.int64)
     for col in range(0, fsize, COLS):
@@ -95,19 +134,60 @@ def filter_norm_kernel(
 
 
 @triton.jit
-def scaled_grad_sq_sum_kernel(
-    tile_tensor, tile_start, w_ptrs, g_ptrs, numels, etas, fsizes, fnorm_offs, fnorms, partials,
+def _scaled_grad_sq_sum_tile(
+    pid, slot, start, remaining, w_ptrs, g_ptrs, etas, fsizes, fnorm_offs, fnorms, partials,
     W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, MASKED: tl.constexpr,
 ):
-    """partials[tile] = Σ (t·g)² over the tile."""
-    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
-    g = tl.load(_ptr(g_ptrs, slot, G_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    g = _load(_tile_ptr(g_ptrs, slot, start, G_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
     if MODE == 0:
         tg = g
     else:
-        w = tl.load(_ptr(w_ptrs, slot, W_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
-        tg = _asam_scale(w, offsets, mask, slot, etas, fsizes, fnorm_offs, fnorms, MODE) * g
+        w = _load(_tile_ptr(w_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+        tg = _asam_scale(w, lanes, mask, start, slot, etas, fsizes, fnorm_offs, fnorms, MODE, MASKED) * g
     tl.store(partials + pid, tl.sum(tg * tg, axis=0))
+
+
+@triton.jit
+def scaled_grad_sq_sum_kernel(
+    tile_tensor, tile_start, w_ptrs, g_ptrs, numels, etas, fsizes, fnorm_offs, fnorms, partials,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """partials[tile] = Σ (t·g)² over the tile."""
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _scaled_grad_sq_sum_tile(pid, slot, start, remaining, w_ptrs, g_ptrs, etas, fsizes, fnorm_offs, fnorms,
+                                 partials, W_DTYPE, G_DTYPE, ACC, MODE, BLOCK, ALIGNED, False)
+    else:
+        _scaled_grad_sq_sum_tile(pid, slot, start, remaining, w_ptrs, g_ptrs, etas, fsizes, fnorm_offs, fnorms,
+                                 partials, W_DTYPE, G_DTYPE, ACC, MODE, BLOCK, ALIGNED, True)
+
+
+@triton.jit
+def _perturb_tile(
+    slot, start, remaining, w_ptrs, g_ptrs, s_ptrs, etas, fsizes, fnorm_offs, fnorms, scale_slots, scales,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr,
+    P_INF: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    w_ptr = _tile_ptr(w_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    w_raw = _load(w_ptr, mask, MASKED)
+    _store(_tile_ptr(s_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, w_raw, mask, MASKED)
+    w = w_raw.to(ACC)
+    g = _load(_tile_ptr(g_ptrs, slot, start, G_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+    scale = tl.load(scales + tl.load(scale_slots + slot)).to(ACC)
+    t = _asam_scale(w, lanes, mask, start, slot, etas, fsizes, fnorm_offs, fnorms, MODE, MASKED)
+    if P_INF:
+        direction = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(ACC)
+        eps = scale * t * direction
+    else:
+        eps = (scale * t) * (t * g)  # not t·t first: t² overflows where ε does not
+    eps = tl.where(eps - eps == 0, eps, 0.0)  # x − x is 0 exactly when x is finite
+    _store(w_ptr, (w + eps).to(W_DTYPE), mask, MASKED)
 
 
 @triton.jit
@@ -115,32 +195,31 @@ def perturb_kernel(
     tile_tensor, tile_start, w_ptrs, g_ptrs, s_ptrs, numels, etas, fsizes, fnorm_offs, fnorms,
     scale_slots, scales,
     W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, MODE: tl.constexpr,
-    P_INF: tl.constexpr, BLOCK: tl.constexpr,
+    P_INF: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """saved ← w; w ← w + ε, ε = s·t²·g (p = 2) or s·t·sign(g) (p = ∞); non-finite ε → 0."""
-    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
-    w_ptr = _ptr(w_ptrs, slot, W_DTYPE)
-    w_raw = tl.load(w_ptr + offsets, mask=mask, other=0.0)
-    tl.store(_ptr(s_ptrs, slot, W_DTYPE) + offsets, w_raw, mask=mask)
-    w = w_raw.to(ACC)
-    g = tl.load(_ptr(g_ptrs, slot, G_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
-    scale = tl.load(scales + tl.load(scale_slots + slot)).to(ACC)
-    t = _asam_scale(w, offsets, mask, slot, etas, fsizes, fnorm_offs, fnorms, MODE)
-    if P_INF:
-        direction = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(ACC)
-        eps = scale * t * direction
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _perturb_tile(slot, start, remaining, w_ptrs, g_ptrs, s_ptrs, etas, fsizes, fnorm_offs, fnorms, scale_slots,
+                      scales, W_DTYPE, G_DTYPE, ACC, MODE, P_INF, BLOCK, ALIGNED, False)
     else:
-        eps = (scale * t) * (t * g)  # not t·t first: t² overflows where ε does not
-    eps = tl.where(eps - eps == 0, eps, 0.0)  # x − x is 0 exactly when x is finite
-    tl.store(w_ptr + offsets, (w + eps).to(W_DTYPE), mask=mask)
+        _perturb_tile(slot, start, remaining, w_ptrs, g_ptrs, s_ptrs, etas, fsizes, fnorm_offs, fnorms, scale_slots,
+                      scales, W_DTYPE, G_DTYPE, ACC, MODE, P_INF, BLOCK, ALIGNED, True)
 
 
 @triton.jit
-def restore_kernel(tile_tensor, tile_start, w_ptrs, s_ptrs, numels, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+def restore_kernel(tile_tensor, tile_start, w_ptrs, s_ptrs, numels, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                   ALIGNED: tl.constexpr):
     """w ← saved (bit-exact copy)."""
-    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
-    saved = tl.load(_ptr(s_ptrs, slot, W_DTYPE) + offsets, mask=mask)
-    tl.store(_ptr(w_ptrs, slot, W_DTYPE) + offsets, saved, mask=mask)
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    lanes = tl.arange(0, BLOCK)
+    source = _tile_ptr(s_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    target = _tile_ptr(w_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    if full:
+        tl.store(target, tl.load(source))
+    else:
+        mask = lanes < remaining
+        tl.store(target, tl.load(source, mask=mask), mask=mask)
 
 
 # --------------------------------------------------------------------- noise
@@ -168,10 +247,14 @@ def _unit_float(x):
 
 @triton.jit
 def _standard_normal(start, j, key0, key1, step, BLOCK: tl.constexpr):
-    """z for elements start … start + BLOCK − 1 of tensor j (start divisible by 4), float32."""
-    block = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
-    c0 = (block & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (block >> 32).to(tl.uint32)
+    """z for elements start … start + BLOCK − 1 of tensor j (start a multiple of BLOCK), float32.
+
+    Block counters start // 4 + i: BLOCK // 4 divides 2³² and start // 4 is a multiple of it, so
+    the low word never wraps inside a tile: c0 = lo + i in 32 bits, c1 = hi for the whole tile.
+    """
+    first_block = start // 4
+    c0 = (first_block & 0xFFFFFFFF).to(tl.uint32) + tl.arange(0, BLOCK // 4).to(tl.uint32)
+    c1 = tl.full(c0.shape, 0, tl.uint32) + (first_block >> 32).to(tl.uint32)
     c2 = tl.full(c0.shape, 0, tl.uint32) + j.to(tl.uint32)
     c3 = tl.full(c0.shape, 0, tl.uint32) + step.to(tl.uint32)
     k0 = key0.to(tl.uint32)
@@ -190,47 +273,64 @@ def _standard_normal(start, j, key0, key1, step, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _initial_noise(saved, offsets, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
-                   key0, key1, step, BLOCK: tl.constexpr):
+def _initial_noise(saved, lanes, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+                   key0, key1, step, BLOCK: tl.constexpr, MASKED: tl.constexpr):
     """δ₀ = σ · z, σ = γ‖w_i‖/√n_i (ndim ≥ 2) or γ|w| (ndim ≤ 1), from the saved weights."""
     z = _standard_normal(start, tl.load(tensor_indices + slot), key0, key1, step, BLOCK).to(saved.dtype)
     fsize = tl.load(fsizes + slot)
     inv_sqrt_n = tl.where(fsize > 0, 1.0 / tl.sqrt(tl.maximum(fsize, 1).to(tl.float32)), 1.0).to(saved.dtype)
-    sigma = tl.load(gammas + slot).to(saved.dtype) * _filter_value(saved, offsets, mask, slot, fsizes,
-                                                                    fnorm_offs, fnorms) * inv_sqrt_n
+    sigma = tl.load(gammas + slot).to(saved.dtype) \
+        * _filter_value(saved, lanes, mask, start, slot, fsizes, fnorm_offs, fnorms, MASKED) * inv_sqrt_n
     return sigma * z
+
+
+@triton.jit
+def _add_noise_tile(
+    slot, start, remaining, w_ptrs, s_ptrs, fsizes, fnorm_offs, fnorms, gammas, tensor_indices, key0, key1, step,
+    W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    w_ptr = _tile_ptr(w_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    w_raw = _load(w_ptr, mask, MASKED)
+    _store(_tile_ptr(s_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, w_raw, mask, MASKED)
+    w = w_raw.to(ACC)
+    delta = _initial_noise(w, lanes, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+                           key0, key1, step, BLOCK, MASKED)
+    _store(w_ptr, (w + delta).to(W_DTYPE), mask, MASKED)
 
 
 @triton.jit(do_not_specialize=NOISE_SCALARS)
 def add_noise_kernel(
     tile_tensor, tile_start, w_ptrs, s_ptrs, numels, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
     key0, key1, step,
-    W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """saved ← w; w ← w + δ₀."""
-    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
-    w_ptr = _ptr(w_ptrs, slot, W_DTYPE)
-    w_raw = tl.load(w_ptr + offsets, mask=mask, other=0.0)
-    tl.store(_ptr(s_ptrs, slot, W_DTYPE) + offsets, w_raw, mask=mask)
-    w = w_raw.to(ACC)
-    delta = _initial_noise(w, offsets, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
-                           key0, key1, step, BLOCK)
-    tl.store(w_ptr + offsets, (w + delta).to(W_DTYPE), mask=mask)
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _add_noise_tile(slot, start, remaining, w_ptrs, s_ptrs, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+                        key0, key1, step, W_DTYPE, ACC, BLOCK, ALIGNED, False)
+    else:
+        _add_noise_tile(slot, start, remaining, w_ptrs, s_ptrs, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+                        key0, key1, step, W_DTYPE, ACC, BLOCK, ALIGNED, True)
 
 
-@triton.jit(do_not_specialize=NOISE_SCALARS)
-def noise_grad_sums_kernel(
-    tile_tensor, tile_start, g_ptrs, s_ptrs, numels, fsizes, fnorm_offs, fnorms, gammas, lams, tensor_indices,
+@triton.jit
+def _noise_grad_sums_tile(
+    pid, slot, start, remaining, g_ptrs, s_ptrs, fsizes, fnorm_offs, fnorms, gammas, lams, tensor_indices,
     key0, key1, step, partials,
-    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    """partials[tile] = (Σδ₀², Σg², λΣδ₀g, λ²Σg²)."""
-    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
-    saved = tl.load(_ptr(s_ptrs, slot, W_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
-    g = tl.load(_ptr(g_ptrs, slot, G_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
-    delta = _initial_noise(saved, offsets, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
-                           key0, key1, step, BLOCK)
-    delta = tl.where(mask, delta, 0.0)
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    saved = _load(_tile_ptr(s_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+    g = _load(_tile_ptr(g_ptrs, slot, start, G_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+    delta = _initial_noise(saved, lanes, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+                           key0, key1, step, BLOCK, MASKED)
+    if MASKED:
+        delta = tl.where(mask, delta, 0.0)
     lam = tl.load(lams + slot).to(ACC)
     grad_sq = tl.sum(g * g, axis=0)
     tl.store(partials + 4 * pid, tl.sum(delta * delta, axis=0))
@@ -240,18 +340,53 @@ def noise_grad_sums_kernel(
 
 
 @triton.jit(do_not_specialize=NOISE_SCALARS)
-def mix_perturb_kernel(
-    tile_tensor, tile_start, w_ptrs, g_ptrs, s_ptrs, numels, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
-    key0, key1, step, coef_slots, noise_coefs, grad_coefs,
-    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+def noise_grad_sums_kernel(
+    tile_tensor, tile_start, g_ptrs, s_ptrs, numels, fsizes, fnorm_offs, fnorms, gammas, lams, tensor_indices,
+    key0, key1, step, partials,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """w ← saved + a·δ₀ + b·g; non-finite ε → 0."""
-    pid, slot, start, offsets, mask = _tile(tile_tensor, tile_start, numels, BLOCK)
-    saved = tl.load(_ptr(s_ptrs, slot, W_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
-    g = tl.load(_ptr(g_ptrs, slot, G_DTYPE) + offsets, mask=mask, other=0.0).to(ACC)
-    delta = _initial_noise(saved, offsets, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
-                           key0, key1, step, BLOCK)
+    """partials[tile] = (Σδ₀², Σg², λΣδ₀g, λ²Σg²)."""
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _noise_grad_sums_tile(pid, slot, start, remaining, g_ptrs, s_ptrs, fsizes, fnorm_offs, fnorms, gammas, lams,
+                              tensor_indices, key0, key1, step, partials, W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, False)
+    else:
+        _noise_grad_sums_tile(pid, slot, start, remaining, g_ptrs, s_ptrs, fsizes, fnorm_offs, fnorms, gammas, lams,
+                              tensor_indices, key0, key1, step, partials, W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, True)
+
+
+@triton.jit
+def _mix_perturb_tile(
+    slot, start, remaining, w_ptrs, g_ptrs, s_ptrs, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+    key0, key1, step, coef_slots, noise_coefs, grad_coefs,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    saved = _load(_tile_ptr(s_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+    g = _load(_tile_ptr(g_ptrs, slot, start, G_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+    delta = _initial_noise(saved, lanes, mask, start, slot, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+                           key0, key1, step, BLOCK, MASKED)
     coef_slot = tl.load(coef_slots + slot)
     eps = tl.load(noise_coefs + coef_slot).to(ACC) * delta + tl.load(grad_coefs + coef_slot).to(ACC) * g
     eps = tl.where(eps - eps == 0, eps, 0.0)  # x − x is 0 exactly when x is finite
-    tl.store(_ptr(w_ptrs, slot, W_DTYPE) + offsets, (saved + eps).to(W_DTYPE), mask=mask)
+    _store(_tile_ptr(w_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, (saved + eps).to(W_DTYPE), mask, MASKED)
+
+
+@triton.jit(do_not_specialize=NOISE_SCALARS)
+def mix_perturb_kernel(
+    tile_tensor, tile_start, w_ptrs, g_ptrs, s_ptrs, numels, fsizes, fnorm_offs, fnorms, gammas, tensor_indices,
+    key0, key1, step, coef_slots, noise_coefs, grad_coefs,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """w ← saved + a·δ₀ + b·g; non-finite ε → 0."""
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _mix_perturb_tile(slot, start, remaining, w_ptrs, g_ptrs, s_ptrs, fsizes, fnorm_offs, fnorms, gammas,
+                          tensor_indices, key0, key1, step, coef_slots, noise_coefs, grad_coefs,
+                          W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, False)
+    else:
+        _mix_perturb_tile(slot, start, remaining, w_ptrs, g_ptrs, s_ptrs, fsizes, fnorm_offs, fnorms, gammas,
+                          tensor_indices, key0, key1, step, coef_slots, noise_coefs, grad_coefs,
+                          W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, True)

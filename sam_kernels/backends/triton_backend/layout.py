@@ -1,12 +1,13 @@
-"""Host-side metadata of the Triton kernels: buckets, tile tables, device arrays.
+"""Host-side metadata of the Triton kernels: tile tables, device arrays.
 
 A *bucket* is the tensors of one call that share (weight dtype, gradient
 dtype) and are contiguous; one launch covers a bucket. Everything derived
-from shapes (tile tables, filter tables, offsets) is cached by the shapes;
-address and hyperparameter arrays are cached by their values, so a step whose
-storage and settings did not change copies nothing from the host (the copy
-would be a synchronisation, and would break CUDA-graph capture). New arrays
-travel through pinned memory with ``non_blocking=True``.
+from shapes (tile tables, filter tables, offsets) is cached here by the
+shapes; the call plans of ``__init__.py`` cache the buckets by the lists'
+signature and the address and hyperparameter arrays by their values, so a step
+whose storage and settings did not change copies nothing from the host (the
+copy would be a synchronisation, and would break CUDA-graph capture). New
+arrays travel through pinned memory with ``non_blocking=True``.
 """
 
 from __future__ import annotations
@@ -49,11 +50,6 @@ def device_array(values: Sequence, dtype: torch.dtype, device: torch.device) -> 
 
 
 @functools.lru_cache(maxsize=_CACHE_SIZE)
-def cached_array(values: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return device_array(values, dtype, device)
-
-
-@functools.lru_cache(maxsize=_CACHE_SIZE)
 def static_layout(shapes: tuple[tuple[int, ...], ...], device: torch.device, block: int, rows: int) -> StaticLayout:
     numels, fsizes, n_filters, fnorm_offs = [], [], [], []
     tile_tensor, tile_start, ftile_tensor, ftile_row = [], [], [], []
@@ -89,35 +85,3 @@ def static_layout(shapes: tuple[tuple[int, ...], ...], device: torch.device, blo
         num_ftiles=len(ftile_tensor),
         has_filters=bool(ftile_tensor),
     )
-
-
-def pointers(tensors: Sequence[Tensor]) -> Tensor:
-    """int64 device array of the tensors' addresses (cached while the addresses are unchanged)."""
-    return cached_array(tuple(t.data_ptr() for t in tensors), torch.int64, tensors[0].device)
-
-
-def floats(values: Sequence[float], device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    return cached_array(tuple(float(v) for v in values), dtype, device)
-
-
-def ints(values: Sequence[int], device: torch.device, dtype: torch.dtype = torch.int64) -> Tensor:
-    return cached_array(tuple(int(v) for v in values), dtype, device)
-
-
-def shared_slots(*per_tensor: Sequence[Tensor]) -> tuple[tuple[list[Tensor], ...], list[int]]:
-    """The distinct tensor tuples (by identity) of parallel per-tensor lists, and each item's slot.
-
-    The scales of one param group are one tensor object shared by its tensors,
-    so the slots index a short per-group vector.
-    """
-    unique: dict[tuple[int, ...], int] = {}
-    columns: tuple[list[Tensor], ...] = tuple([] for _ in per_tensor)
-    slots = []
-    for items in zip(*per_tensor):
-        key = tuple(id(t) for t in items)
-        if key not in unique:
-            unique[key] = len(unique)
-            for column, item in zip(columns, items):
-                column.append(item)
-        slots.append(unique[key])
-    return columns, slots
