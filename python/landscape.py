@@ -178,7 +178,8 @@ def verdict(summary: list[dict]) -> list[dict]:
             holds = "fails"
         else:
             holds = "mixed"
-        loss_w = next(s["loss_start_mean"] for s in summary if (s["checkpoint"], s["scaling"]) == (checkpoint, "vanilla"))
+        loss_w = next(s["loss_start_mean"] for s in summary
+                      if (s["checkpoint"], s["scaling"]) == (checkpoint, "vanilla"))
         lines.append({"checkpoint": checkpoint, "scaling": scaling, "gamma_sq": gamma_sq,
                       "noise_to_weight": ss[0]["noise_to_weight_mean"],
                       "loss_ratio": ss[0]["loss_start_mean"] / loss_w, "above": above,
@@ -195,7 +196,8 @@ def overall_statement(verdicts: list[dict]) -> str:
         vs = [v for v in verdicts if v["scaling"] == scaling]
         points = sum(len(v["per_rho"]) for v in vs)
         parts.append(f"{scaling} noise (‖δ₀‖/‖w‖ {min(v['noise_to_weight'] for v in vs):.2f}–"
-                     f"{max(v['noise_to_weight'] for v in vs):.2f}, L(ŵ)/L(w) {min(v['loss_ratio'] for v in vs):.1f}–"
+                     f"{max(v['noise_to_weight'] for v in vs):.2f}, "
+                     f"L(ŵ)/L(w) {min(v['loss_ratio'] for v in vs):.1f}–"
                      f"{max(v['loss_ratio'] for v in vs):.0f}): above vanilla at {sum(v['above'] for v in vs)} of "
                      f"{points} points, below at {sum(v['below'] for v in vs)}")
     return "; ".join(parts[:1]) + ("\n" + "\n".join(parts[1:]) if len(parts) > 1 else "")
@@ -255,7 +257,8 @@ def _run(args) -> dict:
         model.load_state_dict(checkpoints[name])
         noise = None if scaling == "vanilla" else draw_noise(
             [p.detach() for p in model.parameters()], gamma_sq, scaling, args.seed, draw)
-        ratio = 0.0 if noise is None else float(global_norm(noise) / global_norm(list(model.parameters())))
+        weights = [p.detach() for p in model.parameters()]
+        ratio = 0.0 if noise is None else float(global_norm(noise) / global_norm(weights))
         for row in ascent_quantities(model, x, y, args.rhos, noise):
             rows.append({"checkpoint": name, "scaling": scaling, "gamma_sq": gamma_sq, "draw": draw,
                          "noise_to_weight": ratio, **row})
@@ -282,8 +285,8 @@ def _print(summary: list[dict], verdicts: list[dict], overall: str) -> None:
         print(f"\n{checkpoint}: cos(g(start), g(start + ρ ĝ(start))), mean ± std [min, max] over draws")
         vanilla = [s for s in summary if s["checkpoint"] == checkpoint and s["scaling"] == "vanilla"]
         rhos = [s["rho"] for s in vanilla]
-        print(f"  {'ρ':>24s} " + " ".join(f"{r:>21g}" for r in rhos))
-        print(f"  {'vanilla':>24s} " + " ".join(f"{s['cos_mean']:21.3f}" for s in vanilla))
+        print(f"  {'ρ':>24s} " + " ".join(f"{r:>22g}" for r in rhos))
+        print(f"  {'vanilla':>24s} " + " ".join(f"{s['cos_mean']:22.3f}" for s in vanilla))
         for s0 in summary:
             if s0["checkpoint"] != checkpoint or s0["scaling"] == "vanilla" or s0["rho"] != rhos[0]:
                 continue
@@ -291,9 +294,9 @@ def _print(summary: list[dict], verdicts: list[dict], overall: str) -> None:
                      == (checkpoint, s0["scaling"], s0["gamma_sq"])]
             label = f"{s0['scaling']} γ²={s0['gamma_sq']:g}"
             print(f"  {label:>24s} " + " ".join(
-                f"{s['cos_mean']:.3f}±{s['cos_std']:.3f}[{s['cos_min']:.2f},{s['cos_max']:.2f}]"[:21].rjust(21)
+                f"{s['cos_mean']:.3f}±{s['cos_std']:.3f}[{s['cos_min']:.2f},{s['cos_max']:.2f}]".rjust(22)
                 for s in curve))
-            print(f"  {'  extra cos at w':>24s} " + " ".join(f"{s['cos_at_w_mean']:21.3f}" for s in curve))
+            print(f"  {'  extra cos at w':>24s} " + " ".join(f"{s['cos_at_w_mean']:22.3f}" for s in curve))
         print(f"  loss L(start + ρ ĝ(start)), mean over draws; L(w) = {vanilla[0]['loss_start_mean']:.4f}")
         for s0 in summary:
             if s0["checkpoint"] != checkpoint or s0["rho"] != rhos[0]:

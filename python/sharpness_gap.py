@@ -66,7 +66,9 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 
 @torch.no_grad()
 def relu_rescale(model: nn.Module, max_factor: float, generator: torch.Generator) -> list[torch.Tensor]:
-    """Apply T in place to a common.small_cnn: W_l[c] ← α_c W_l[c], b_l[c] ← α_c b_l[c], W_{l+1}[:, c] ← W_{l+1}[:, c]/α_c.
+    """Apply T in place to a common.small_cnn, for every output channel c of every convolution l:
+
+        W_l[c] ← α_c W_l[c],  b_l[c] ← α_c b_l[c],  W_{l+1}[:, c] ← W_{l+1}[:, c] / α_c.
 
     α_c = exp(u), u ~ U[−log A, log A] per output channel of every convolution (A = ``max_factor``).
     The linear head's inputs are the last convolution's channels, each spread over the pooled positions
@@ -100,7 +102,9 @@ def pearson_r(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """τ_b = Σ_{i<j} s_ij t_ij / √(Σ_{i<j} s_ij² · Σ_{i<j} t_ij²), s_ij = sign(x_i − x_j), t_ij = sign(y_i − y_j).
+    """Kendall's τ_b = Σ_{i<j} s_ij t_ij / √(Σ_{i<j} s_ij² · Σ_{i<j} t_ij²),
+
+    s_ij = sign(x_i − x_j), t_ij = sign(y_i − y_j).
 
     τ_b (not τ_a) because bootstrap resamples repeat models, which creates ties. Batched over leading axes.
     """
@@ -276,7 +280,8 @@ def _plot(result: dict, args, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
     titles = {"sharpness": f"sharpness (Eq. 2, ρ={args.rho})",
-              "adaptive_sharpness": f"adaptive sharpness (Def. 2, element-wise, ρ={args.adaptive_rho}, η={args.eta:g})"}
+              "adaptive_sharpness": f"adaptive sharpness (Def. 2, element-wise, "
+                                    f"ρ={args.adaptive_rho}, η={args.eta:g})"}
     models = result["models"]
     colour = [math.log10(m["weight_decay"] + 1e-5) for m in models]
     for ax, key in zip(axes, titles):

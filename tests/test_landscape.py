@@ -117,7 +117,8 @@ def test_verdict_rule():
         (line,) = landscape.verdict(rows)
         return line["claim"], line["per_rho"]
 
-    assert summary([(0.4, 0.6), (0.4, 0.6), (0.6, 0.7), (0.6, 0.7)]) == ("holds", ["overlap", "overlap", "above", "above"])
+    assert summary([(0.4, 0.6), (0.4, 0.6), (0.6, 0.7), (0.6, 0.7)]) == (
+        "holds", ["overlap", "overlap", "above", "above"])
     assert summary([(0.6, 0.7), (0.6, 0.7), (0.6, 0.7), (0.4, 0.6)])[0] == "mixed"  # not above at the largest ρ
     assert summary([(0.1, 0.2), (0.1, 0.2), (0.4, 0.6), (0.4, 0.6)])[0] == "fails"
     assert summary([(0.6, 0.7), (0.6, 0.7), (0.1, 0.2), (0.6, 0.7)])[0] == "mixed"

@@ -51,7 +51,8 @@ def test_rescaling_keeps_function_and_adaptive_sharpness_but_moves_sharpness():
         torch.testing.assert_close(conv.bias.detach(), bias * alpha)
         inputs = alpha
     weight, bias = next(w0), next(w0)
-    per_input = torch.stack([inputs[c] for c in range(len(inputs)) for _ in range(4)])  # columns 4c … 4c+3 ← channel c
+    # the head's input columns 4c … 4c+3 come from channel c of the last convolution
+    per_input = torch.stack([inputs[c] for c in range(len(inputs)) for _ in range(4)])
     torch.testing.assert_close(linear.weight.detach(), weight / per_input[None, :])
     torch.testing.assert_close(linear.bias.detach(), bias)
 
