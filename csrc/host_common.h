@@ -13,6 +13,14 @@
 
 namespace sam_host {
 
+// A pass compiled for AVX-512, AVX2 and plain x86-64, picked at load time. The build has no FP contraction
+// and the vectoriser keeps every sum's lanes and order, so every clone gives the same bits.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define SAM_HOST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define SAM_HOST_CLONES
+#endif
+
 constexpr int64_t kGrain = 32768;  // elements per parallel task in elementwise passes
 constexpr int64_t kChunk = 16384;  // elements per partial sum in reductions
 

@@ -50,6 +50,14 @@ void parallel_range(int64_t n, int64_t grain, const F& f) {
   at::parallel_for(0, n, grain, f);
 }
 
+// sum += the lane sum (lane_sums) of term(k) over [0, n).
+template <typename acc_t, typename Term>
+inline void add_lane_sum(int64_t n, acc_t& sum, const Term& term) {
+  std::array<acc_t, 1> out{sum};
+  lane_sums<acc_t, 1>(0, n, out, [&term](int64_t k) { return std::array<acc_t, 1>{term(k)}; });
+  sum = out[0];
+}
+
 // Calls f(scalar_t{}) for the view's dtype.
 template <typename F>
 void dispatch(at::ScalarType type, const F& f) {
@@ -102,7 +110,7 @@ void noise_batches(int64_t begin, int64_t end, const NoiseKey& key, uint32_t j, 
 // ---------------------------------------------------------------- SAM / ASAM passes
 // Sum of (t * g)^2 over the view; filter-wise ASAM keeps each row's norm (one pass reads w and g once).
 template <typename scalar_t>
-double sam_sum(const View& v, int mode, double eta_value, double* norms) {
+SAM_HOST_CLONES double sam_sum(const View& v, int mode, double eta_value, double* norms) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* wd = static_cast<const scalar_t*>(v.w);
   const scalar_t* gd = static_cast<const scalar_t*>(v.g);
@@ -118,10 +126,14 @@ double sam_sum(const View& v, int mode, double eta_value, double* norms) {
             // term by term while the row is in cache (t g is in range where t^2 and g^2 are not).
             const scalar_t* x = wd + r * fsize;
             const scalar_t* y = gd + r * fsize;
-            std::array<acc_t, 2> sq{};
-            lane_sums<acc_t, 2>(0, fsize, sq, [x, y](int64_t k) {
-              const acc_t a = static_cast<acc_t>(x[k]), b = static_cast<acc_t>(y[k]);
-              return std::array<acc_t, 2>{a * a, b * b};
+            acc_t sq[2] = {0, 0};  // two one-term lane sums: same bits as one two-term sum, no shuffles
+            add_lane_sum(fsize, sq[0], [x](int64_t k) {
+              const acc_t a = static_cast<acc_t>(x[k]);
+              return a * a;
+            });
+            add_lane_sum(fsize, sq[1], [y](int64_t k) {
+              const acc_t b = static_cast<acc_t>(y[k]);
+              return b * b;
             });
             const bool safe = fsize > 1 && squares_in_range(sq[0]) && squares_in_range(sq[1]) && eta < 1e15;
             if (safe) {
@@ -160,7 +172,7 @@ double sam_sum(const View& v, int mode, double eta_value, double* norms) {
 
 // saved <- w; w <- w + eps, eps = s t^2 g (p = 2) or s t sign(g) (p = inf). One loop per (mode, p).
 template <typename scalar_t, int kMode, bool kPInf>
-void sam_perturb(const View& v, double eta_value, double scale_value, const double* norms) {
+SAM_HOST_CLONES void sam_perturb(const View& v, double eta_value, double scale_value, const double* norms) {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* wd = static_cast<scalar_t*>(v.w);
   scalar_t* sd = static_cast<scalar_t*>(v.s);
@@ -204,15 +216,15 @@ void sam_perturb_any(const View& v, int mode, bool p_inf, double eta, double sca
 // saved <- w; w <- w + delta0. For filters: the rows' norms (kept for sigma in the later passes), then
 // their noise while they are in cache.
 template <typename scalar_t>
-void noise_add(const View& v, double gamma, const NoiseKey& key, double* norms) {
+SAM_HOST_CLONES void noise_add(const View& v, double gamma, const NoiseKey& key, double* norms) {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* wd = static_cast<scalar_t*>(v.w);
   scalar_t* sd = static_cast<scalar_t*>(v.s);
   auto noise_range = [&](int64_t begin, int64_t end) {
     noise_batches<acc_t>(begin, end, key, static_cast<uint32_t>(v.i), v.fsize, norms, gamma, wd,
-                         [&](int64_t base, int64_t n, const acc_t* delta) {
-                           scalar_t* x = wd + base;
-                           scalar_t* saved = sd + base;
+                         [&](int64_t base, int64_t n, const acc_t* __restrict delta) {
+                           scalar_t* __restrict x = wd + base;
+                           scalar_t* __restrict saved = sd + base;
                            for (int64_t k = 0; k < n; ++k) {
                              saved[k] = x[k];
                              x[k] = static_cast<scalar_t>(static_cast<acc_t>(x[k]) + delta[k]);
@@ -244,7 +256,7 @@ bool keeps_delta(const View& v) {
 // (sum delta^2, sum g^2, sum delta * g), delta regenerated from the saved weights; with keep, delta is
 // also written over the weight (the mix pass that follows overwrites every element of it).
 template <typename scalar_t>
-std::array<double, 3> rsam_sums(const View& v, double gamma, const NoiseKey& key, const double* norms, bool keep) {
+SAM_HOST_CLONES std::array<double, 3> rsam_sums(const View& v, double gamma, const NoiseKey& key, const double* norms, bool keep) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* sd = static_cast<const scalar_t*>(v.s);
   const scalar_t* gd = static_cast<const scalar_t*>(v.g);
@@ -252,11 +264,15 @@ std::array<double, 3> rsam_sums(const View& v, double gamma, const NoiseKey& key
   auto sum = chunked_sum<acc_t, 3>(v.numel, [&](int64_t b, int64_t e, std::array<acc_t, 3>& acc) {
     noise_batches<acc_t>(b, e, key, static_cast<uint32_t>(v.i), v.fsize, norms, gamma, sd,
                          [&](int64_t base, int64_t n, const acc_t* delta) {
+                           // Three one-term lane sums (same lanes, same bits as one three-term sum),
+                           // each a plain vector loop.
                            const scalar_t* gb = gd + base;
-                           lane_sums<acc_t, 3>(0, n, acc, [delta, gb](int64_t k) {
+                           add_lane_sum(n, acc[0], [delta](int64_t k) { return delta[k] * delta[k]; });
+                           add_lane_sum(n, acc[1], [gb](int64_t k) {
                              const acc_t gk = static_cast<acc_t>(gb[k]);
-                             return std::array<acc_t, 3>{delta[k] * delta[k], gk * gk, delta[k] * gk};
+                             return gk * gk;
                            });
+                           add_lane_sum(n, acc[2], [delta, gb](int64_t k) { return delta[k] * static_cast<acc_t>(gb[k]); });
                            if (kept)
                              for (int64_t k = 0; k < n; ++k) kept[base + k] = static_cast<scalar_t>(delta[k]);
                          });
@@ -266,27 +282,33 @@ std::array<double, 3> rsam_sums(const View& v, double gamma, const NoiseKey& key
 
 // w <- saved + a * delta + b * g; delta read from w where the sums pass kept it there, else regenerated.
 template <typename scalar_t>
-void rsam_mix(const View& v, double gamma, double a_value, double b_value, const NoiseKey& key, const double* norms,
+SAM_HOST_CLONES void rsam_mix(const View& v, double gamma, double a_value, double b_value, const NoiseKey& key, const double* norms,
               bool kept) {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* wd = static_cast<scalar_t*>(v.w);
   const scalar_t* sd = static_cast<const scalar_t*>(v.s);
   const scalar_t* gd = static_cast<const scalar_t*>(v.g);
   const acc_t a = static_cast<acc_t>(a_value), b = static_cast<acc_t>(b_value);
-  auto eps_at = [a, b, gd](int64_t k, acc_t delta) {
-    return sam::finite_or_zero(sam::rsam_perturbation(a, delta, b, static_cast<acc_t>(gd[k])));
+  auto eps = [a, b](acc_t delta, scalar_t g) {
+    return sam::finite_or_zero(sam::rsam_perturbation(a, delta, b, static_cast<acc_t>(g)));
+  };
+  // w, saved and g are distinct buffers (restrict: plain vector loops).
+  auto mix_kept = [&](int64_t n, scalar_t* __restrict x, const scalar_t* __restrict sv,
+                      const scalar_t* __restrict gv) {  // delta0 in x (scalar_t is acc_t)
+    for (int64_t k = 0; k < n; ++k) x[k] = static_cast<scalar_t>(static_cast<acc_t>(sv[k]) + eps(x[k], gv[k]));
+  };
+  auto mix = [&](int64_t n, const acc_t* __restrict delta, scalar_t* __restrict x, const scalar_t* __restrict sv,
+                 const scalar_t* __restrict gv) {
+    for (int64_t k = 0; k < n; ++k) x[k] = static_cast<scalar_t>(static_cast<acc_t>(sv[k]) + eps(delta[k], gv[k]));
   };
   parallel_range(v.numel, kGrain, [&](int64_t begin, int64_t end) {
-    if (kept) {  // delta0 is in w (scalar_t is acc_t)
-      for (int64_t k = begin; k < end; ++k)
-        wd[k] = static_cast<scalar_t>(static_cast<acc_t>(sd[k]) + eps_at(k, static_cast<acc_t>(wd[k])));
+    if (kept) {
+      mix_kept(end - begin, wd + begin, sd + begin, gd + begin);
       return;
     }
     noise_batches<acc_t>(begin, end, key, static_cast<uint32_t>(v.i), v.fsize, norms, gamma, sd,
                          [&](int64_t base, int64_t n, const acc_t* delta) {
-                           for (int64_t k = 0; k < n; ++k)
-                             wd[base + k] = static_cast<scalar_t>(static_cast<acc_t>(sd[base + k]) +
-                                                                  eps_at(base + k, delta[k]));
+                           mix(n, delta, wd + base, sd + base, gd + base);
                          });
   });
 }
