@@ -249,3 +249,45 @@ def test_a_plain_trainer_says_what_to_do_and_leaves_the_weights_alone(tmp_path):
         trainer.train()
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_fp16_with_accelerates_grad_scaler_skips_overflowing_steps_like_a_hand_loop(tmp_path):
+    """fp16=True, with the GradScaler accelerate makes on a GPU given to Trainer's accelerator here on the CPU
+    (float16 autocast runs on the CPU too). The first step overflows (a huge initial scale): its base step and
+    its scheduler step are skipped, the scale drops to 2**10, and the next steps train, as in the README's
+    AMP recipe by hand (unscale the base optimizer, clip, second_step(scaler=...))."""
+    def grad_scaler():
+        return torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -30)
+
+    model = _gpt2(torch.float32)
+    twin = copy.deepcopy(model)
+    before = copy.deepcopy(model.state_dict())
+    opt = sam_kernels.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.05)
+    trainer = Recording(model, _args(tmp_path, fp16=True), train_dataset=_text(),
+                        optimizers=(opt, torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)))
+    trainer.accelerator.scaler, trainer.accelerator.native_amp = grad_scaler(), True  # what a GPU gets
+    trainer.train()
+    assert trainer.optimizer.scaler.get_scale() == 2.0 ** 10
+
+    hand, scaler = sam_kernels.SAM(twin.parameters(), torch.optim.SGD, rho=0.05, lr=0.05), grad_scaler()
+    scheduler = torch.optim.lr_scheduler.StepLR(hand, step_size=1, gamma=0.5)
+    for window in _windows(trainer.seen):
+        def backward_over_window():
+            for micro_batch in window:
+                with torch.autocast("cpu", dtype=torch.float16):
+                    loss = _gpt2_loss(twin, micro_batch, window)
+                scaler.scale(loss).backward()
+
+        hand.zero_grad()
+        backward_over_window()
+        hand.first_step(zero_grad=True)
+        backward_over_window()
+        scaler.unscale_(hand.base_optimizer)
+        torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+        scale = scaler.get_scale()
+        hand.second_step(zero_grad=True, scaler=scaler)
+        scaler.update()
+        if scaler.get_scale() >= scale:  # not skipped
+            scheduler.step()
+    _assert_same_weights(model, twin, exact=True)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
