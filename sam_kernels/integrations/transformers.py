@@ -58,12 +58,12 @@ class SAMTrainer(Trainer):
 
     def __init__(self, *args: Any, sam_cls: type[SharpnessAwareOptimizer] = SAM,
                  sam_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
         if not (isinstance(sam_cls, type) and issubclass(sam_cls, SharpnessAwareOptimizer)):
             raise TypeError(f"sam_cls must be a sam_kernels optimizer class, got {sam_cls!r}")
         self.sam_cls = sam_cls
         self.sam_kwargs = {"rho": 0.05} if sam_kwargs is None else dict(sam_kwargs)
         self._window: list[tuple[dict, Any]] = []  # the micro-batches of the accumulation window under way
+        super().__init__(*args, **kwargs)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The optimizer ``Trainer`` would build (``args.optim``, learning rate, weight-decay groups), inside
