@@ -23,10 +23,19 @@ import sam_kernels.variants
 #   ASAM filter  norm: w, g, filter norms kept (2) · perturb 4 · restore 2                  = 8
 #   R-SAM        noise: w → saved, w, filter norms kept (3) · sums: saved, g (2) ·
 #                mix: saved, g → w (3) · restore 2                                           = 10
-ELEMENT_TRAFFIC = {"sam": 7, "asam-element-p2": 8, "asam-filter-p2": 8, "rsam": 10}
+#   GSAM         SAM 7 · keep g in the norm pass (1) · sums: g, g_sam (2) · g_sam, g → .grad (3)  = 13
+#   R-GSAM       R-SAM 10 + 1 + 2 + 3                                                        = 16
+#   LookSAM      SAM step as GSAM (13); other steps: sums g, g_v (2) · g, g_v → .grad (3) = 5;
+#                k = 2 (the variants table) alternates them                                  = 9 per step
+#   WSAM         decoupled: SAM 7 · keep g (1) · split g_sam, g → .grad, buffer (4) ·
+#                after the base step w, buffer → w (3)                                       = 15
+#                coupled: SAM 7 · keep g (1) · mix g_sam, g → .grad (3)                      = 11
+#   FriendlySAM  sums: g, m (2) · perturb: w, g, m → w, saved, m (6) · restore 2             = 10
+ELEMENT_TRAFFIC = {"sam": 7, "asam-element-p2": 8, "asam-filter-p2": 8, "rsam": 10, "gsam": 13, "rgsam": 16,
+                   "looksam": 9, "wsam": 15, "wsam-coupled": 11, "friendlysam": 10}
 # The benchmarked variants of the library's one table (R-SAM with a fixed seed).
 VARIANTS = {
-    name: (cls, {**kwargs, **({"seed": 0} if cls is sam_kernels.RSAM else {})})
+    name: (cls, {**kwargs, **({"seed": 0} if issubclass(cls, sam_kernels.RSAM) else {})})
     for name, (cls, kwargs) in sam_kernels.variants.VARIANTS.items() if name in sam_kernels.variants.BENCHMARKED
 }
 

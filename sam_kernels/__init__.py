@@ -1,4 +1,5 @@
-"""sam_kernels: fast sharpness-aware optimizers for PyTorch (SAM, ASAM, R-SAM).
+"""sam_kernels: fast sharpness-aware optimizers for PyTorch (SAM, ASAM, R-SAM, GSAM, R-GSAM, LookSAM, WSAM,
+FriendlySAM).
 
 >>> import torch, sam_kernels
 >>> model = torch.nn.Linear(4, 2)
@@ -11,7 +12,7 @@ from . import functional, noise
 from .backends import available_backends, register_backend
 from .batchnorm import frozen_running_stats
 from .measures import sharpness
-from .optim import ASAM, RSAM, SAM, SharpnessAwareOptimizer
+from .optim import ASAM, GSAM, RGSAM, RSAM, SAM, WSAM, FriendlySAM, LookSAM, ProportionalRho, SharpnessAwareOptimizer
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,12 @@ __all__ = [
     "SAM",
     "ASAM",
     "RSAM",
+    "GSAM",
+    "RGSAM",
+    "LookSAM",
+    "WSAM",
+    "FriendlySAM",
+    "ProportionalRho",
     "SharpnessAwareOptimizer",
     "available_backends",
     "register_backend",

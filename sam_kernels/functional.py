@@ -45,6 +45,15 @@ __all__ = [
     "noise_grad_sums",
     "rsam_coefficients",
     "mix_perturb_",
+    "copy_",
+    "pair_sums",
+    "combine_",
+    "split_difference_",
+    "residual_sq_sum",
+    "residual_perturb_",
+    "gsam_coefficients",
+    "looksam_orthogonal_coefficients",
+    "looksam_reuse_coefficients",
     "NoiseStream",
     "resolve",
 ]
@@ -184,3 +193,107 @@ def mix_perturb_(
     """w ← saved + a·δ₀ + b·g (R-SAM's projected, λ-mixed perturbation from the saved weights)."""
     call("mix_perturb_", backend, {"params": params, "grads": grads, "saved": saved, "noise_coefs": noise_coefs,
                                    "grad_coefs": grad_coefs, "gammas": gammas, "stream": stream})
+
+
+# ------------------------------------------------ the SAM family (docs/DESIGN.md §2.5–§2.8)
+def copy_(targets: Sequence[Tensor], sources: Sequence[Tensor], *, backend: str = "auto") -> None:
+    """target ← source, bit for bit (keeps the first-pass gradient g)."""
+    call("copy_", backend, {"targets": targets, "sources": sources})
+
+
+def pair_sums(firsts: Sequence[Tensor], seconds: Sequence[Tensor], *, backend: str = "auto") -> Tensor:
+    """(Σ x·y, Σ x², Σ y²) over every tensor of the two lists: one pass for a dot product and both norms."""
+    return call("pair_sums", backend, {"firsts": firsts, "seconds": seconds})
+
+
+def combine_(
+    targets: Sequence[Tensor],
+    others: Sequence[Tensor],
+    target_coefs: Sequence[Tensor],
+    other_coefs: Sequence[Tensor],
+    *,
+    backend: str = "auto",
+) -> None:
+    """x ← a·x + b·y with per-tensor device scalars a, b; a term whose coefficient is 0 counts 0 (even for a
+    non-finite x or y), so a skipped update leaves the other term untouched."""
+    call("combine_", backend, {"targets": targets, "others": others, "target_coefs": target_coefs,
+                               "other_coefs": other_coefs})
+
+
+def split_difference_(grads: Sequence[Tensor], firsts: Sequence[Tensor], *, backend: str = "auto") -> None:
+    """firsts ← grads − firsts (WSAM's sharpness gradient g_sam − g); grads ← the old firsts (g)."""
+    call("split_difference_", backend, {"grads": grads, "firsts": firsts})
+
+
+def residual_sq_sum(
+    grads: Sequence[Tensor], moments: Sequence[Tensor], *, sigmas: FloatOrSeq, backend: str = "auto"
+) -> Tensor:
+    """Σ (g − σ·m)² (FriendlySAM: the squared norm of the gradient minus σ times its EMA)."""
+    return call("residual_sq_sum", backend, {"grads": grads, "moments": moments, "sigmas": sigmas})
+
+
+def residual_perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    moments: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    scales: Sequence[Tensor],
+    *,
+    sigmas: FloatOrSeq,
+    lmbdas: FloatOrSeq,
+    backend: str = "auto",
+) -> None:
+    """saved ← w; w ← w + s·(g − σ·m); m ← λ·m + (1 − λ)·g (an element whose new m is not finite keeps its m)."""
+    call("residual_perturb_", backend, {"params": params, "grads": grads, "moments": moments, "saved": saved,
+                                        "scales": scales, "sigmas": sigmas, "lmbdas": lmbdas})
+
+
+def _shared(values: Sequence[float], make) -> list[Tensor]:
+    """One device scalar per distinct value (tensors of one group share it, so backends can batch them)."""
+    made = {value: make(value) for value in dict.fromkeys(values)}
+    return [made[value] for value in values]
+
+
+def gsam_coefficients(sums: Tensor, alphas: Sequence[float]) -> tuple[list[Tensor], list[Tensor]]:
+    """GSAM's g_sam − α·g_⊥ as a·g_sam + b·g, from ``sums`` = (Σ g·g_sam, Σ g², Σ g_sam²).
+
+    g_⊥ = g − c·g_sam with c = (g·g_sam) / (‖g_sam‖ + 1e-12)², so a = 1 + α·c and b = −α. When a sum is
+    not finite the decomposition is skipped: a = 1, b = 0 (.grad keeps g_sam).
+    """
+    dot, _, sam_sq = sums.unbind()
+    c = dot / (torch.sqrt(sam_sq) + NORM_GUARD) ** 2
+    finite = torch.isfinite(sums).all()
+    one, zero = torch.ones_like(c), torch.zeros_like(c)
+    a = _shared(alphas, lambda alpha: torch.where(finite, 1 + alpha * c, one))
+    b = _shared(alphas, lambda alpha: torch.where(finite, zero - alpha, zero))
+    return a, b
+
+
+def looksam_orthogonal_coefficients(sums: Tensor, count: int) -> tuple[list[Tensor], list[Tensor]]:
+    """LookSAM's g_v = g_sam − c·g as a·g + b·g_sam, from ``sums`` = (Σ g·g_sam, Σ g², Σ g_sam²).
+
+    c = (g·g_sam) / (‖g‖ + 1e-12)², so a = −c, b = 1. Not finite: a = b = 0 (g_v = 0, so the next steps
+    reuse nothing).
+    """
+    dot, grad_sq, _ = sums.unbind()
+    c = dot / (torch.sqrt(grad_sq) + NORM_GUARD) ** 2
+    finite = torch.isfinite(sums).all()
+    zero = torch.zeros_like(c)
+    a = torch.where(finite, -c, zero)
+    b = torch.where(finite, torch.ones_like(c), zero)
+    return [a] * count, [b] * count
+
+
+def looksam_reuse_coefficients(sums: Tensor, alphas: Sequence[float]) -> tuple[list[Tensor], list[Tensor]]:
+    """LookSAM's g + α·(‖g‖/‖g_v‖)·g_v as a·g + b·g_v, from ``sums`` = (Σ g_v·g, Σ g_v², Σ g²).
+
+    a = 1, b = α·‖g‖/(‖g_v‖ + 1e-12); not finite: b = 0 (.grad keeps g).
+    """
+    _, gv_sq, grad_sq = sums.unbind()
+    ratio = torch.sqrt(grad_sq) / (torch.sqrt(gv_sq) + NORM_GUARD)
+    finite = torch.isfinite(sums).all()
+    zero = torch.zeros_like(ratio)
+    one = torch.ones_like(ratio)
+    a = _shared(alphas, lambda alpha: one)
+    b = _shared(alphas, lambda alpha: torch.where(finite, alpha * ratio, zero))
+    return a, b

@@ -30,7 +30,7 @@ def _closure(model, x, y):
 
 
 def _make(optimizer_cls, kwargs, params, **extra):
-    if optimizer_cls is sam_kernels.RSAM:
+    if issubclass(optimizer_cls, sam_kernels.RSAM):
         extra.setdefault("seed", 1234)
     return optimizer_cls(params, torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4, **kwargs, **extra)
 
@@ -42,7 +42,8 @@ def _explicit_step(opt, model, x, y):
     loss = nn.functional.cross_entropy(model(x), y)
     loss.backward()
     opt.first_step(zero_grad=True)
-    nn.functional.cross_entropy(model(x), y).backward()
+    if getattr(opt, "needs_second_pass", True):  # LookSAM: only on its SAM steps
+        nn.functional.cross_entropy(model(x), y).backward()
     opt.second_step(zero_grad=True)
     return loss
 

@@ -54,7 +54,7 @@ def _one_step(opt, params, ref_params, ref, skip=(), check_native=True):
         _assert_same(params, ref_params, params[0].dtype)
     _grads(params, ref_params, skip)
     opt.first_step(), ref.first_step()
-    if check_native:
+    if check_native and _perturbs_natively(opt):
         assert opt._path == "native", "the cpp plan should have taken this step"
     _assert_same(params, ref_params, params[0].dtype)
     _grads(params, ref_params, skip)
@@ -70,7 +70,18 @@ def _pair(optimizer_cls, kwargs, params, **extra):
 
 
 def _seeded(optimizer_cls):
-    return {"seed": 1234} if optimizer_cls is sam_kernels.RSAM else {}
+    return {"seed": 1234} if issubclass(optimizer_cls, sam_kernels.RSAM) else {}
+
+
+def _perturbs_natively(opt) -> bool:
+    """Whether the cpp plan takes this step's perturbation: SAM's, ASAM's and R-SAM's (also inside GSAM,
+    R-GSAM, WSAM and LookSAM's SAM steps); FriendlySAM's and LookSAM's reuse steps run generic operations."""
+    return not isinstance(opt, sam_kernels.FriendlySAM) and getattr(opt, "needs_second_pass", True)
+
+
+# The SAM family's own operations (keeping g, the decompositions, FriendlySAM's EMA) run on the
+# per-operation fallback for now: fused cpp kernels for them are owed (docs/DESIGN.md §6).
+_PLAN_ONLY = [v for v in VARIANTS if v[0] in (sam_kernels.SAM, sam_kernels.ASAM, sam_kernels.RSAM)]
 
 
 @pytest.mark.parametrize("optimizer_cls,kwargs,_id", VARIANTS, ids=VARIANT_IDS)
@@ -141,7 +152,7 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("optimizer_cls,kwargs,_id", VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("optimizer_cls,kwargs,_id", _PLAN_ONLY, ids=[v[2] for v in _PLAN_ONLY])
 def test_cpp_plan_phases_issue_no_torch_op(optimizer_cls, kwargs, _id):
     params = _model_params()
     for p in params:

@@ -11,13 +11,23 @@ from helpers import BACKENDS, VARIANT_IDS, VARIANTS
 
 
 def _make(cls, kwargs, params, **extra):
-    if cls is sam_kernels.RSAM:
+    if issubclass(cls, sam_kernels.RSAM):  # RSAM, RGSAM
         extra.setdefault("seed", 21)
     return cls(params, torch.optim.SGD, lr=0.05, momentum=0.9, **kwargs, **extra)
 
 
 def _mlp(dtype=torch.float32):
     return nn.Sequential(nn.Linear(6, 16, dtype=dtype), nn.Tanh(), nn.Linear(16, 3, dtype=dtype))
+
+
+def _second_pass_needed(opt) -> bool:
+    """LookSAM takes the second forward/backward only on its SAM steps; every other optimizer always."""
+    return getattr(opt, "needs_second_pass", True)
+
+
+def _skip_if_no_scaler(opt, scaler) -> None:
+    if scaler is not None and isinstance(opt, sam_kernels.WSAM) and opt.decouple:
+        pytest.skip("WSAM(decouple=True) refuses a GradScaler (tested in test_sam_family.py)")
 
 
 def _first_pass(opt, model, x, y, scale=1.0):
@@ -44,6 +54,7 @@ def test_scaled_gradients_give_the_same_perturbation(optimizer_cls, kwargs, _id)
 
 def _amp_loop(model, opt, scaler, batches, dtype, clip=None):
     loss_fn = nn.CrossEntropyLoss()
+    _skip_if_no_scaler(opt, scaler)
     for x, y in batches:
         if isinstance(opt, sam_kernels.RSAM):
             opt.noise_step()
@@ -51,9 +62,10 @@ def _amp_loop(model, opt, scaler, batches, dtype, clip=None):
             loss = loss_fn(model(x), y)
         (scaler.scale(loss) if scaler else loss).backward()
         opt.first_step(zero_grad=True)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            second = loss_fn(model(x), y)
-        (scaler.scale(second) if scaler else second).backward()
+        if _second_pass_needed(opt):
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                second = loss_fn(model(x), y)
+            (scaler.scale(second) if scaler else second).backward()
         if clip is not None:
             if scaler:
                 scaler.unscale_(opt.base_optimizer)
@@ -85,6 +97,7 @@ def test_overflow_in_either_pass_skips_the_step_and_lowers_the_scale(optimizer_c
     before = [p.detach().clone() for p in model.parameters()]
     opt = _make(optimizer_cls, kwargs, model.parameters())
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    _skip_if_no_scaler(opt, scaler)
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     _first_pass(opt, model, x, y, scale=scaler.get_scale())
     if overflow_pass == 1:
@@ -174,9 +187,10 @@ def test_accumulating_micro_batches_equals_one_big_batch(optimizer_cls, kwargs, 
         nn.functional.cross_entropy(twin(x), y).backward()
         opt_micro.first_step(zero_grad=True)
         opt_big.first_step(zero_grad=True)
-        for xm, ym in zip(x.chunk(k), y.chunk(k)):
-            (nn.functional.cross_entropy(model(xm), ym) / k).backward()
-        nn.functional.cross_entropy(twin(x), y).backward()
+        if _second_pass_needed(opt_micro):
+            for xm, ym in zip(x.chunk(k), y.chunk(k)):
+                (nn.functional.cross_entropy(model(xm), ym) / k).backward()
+            nn.functional.cross_entropy(twin(x), y).backward()
         opt_micro.second_step(zero_grad=True)
         opt_big.second_step(zero_grad=True)
     for a, b in zip(model.parameters(), twin.parameters()):
@@ -195,8 +209,9 @@ def _sam_step(opt, forward, model, x, y):
     loss = loss_fn(forward(x), y)
     loss.backward()
     opt.first_step(zero_grad=True)
-    with sam_kernels.frozen_running_stats(model):
-        loss_fn(forward(x), y).backward()
+    if _second_pass_needed(opt):
+        with sam_kernels.frozen_running_stats(model):
+            loss_fn(forward(x), y).backward()
     opt.second_step(zero_grad=True)
     return loss.detach()
 

@@ -227,3 +227,103 @@ def mix_perturb_(
     _zero_non_finite_(eps)
     torch._foreach_copy_(params, saved)
     _foreach_add_by_dtype_(params, eps)
+
+
+# ------------------------------------------------ the SAM family (docs/DESIGN.md §2.5–§2.8)
+def copy_(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
+    if targets:
+        torch._foreach_copy_(list(targets), list(sources))
+
+
+def _pairwise_acc(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """Both lists in the accumulation dtype of each pair (float64 if either is float64)."""
+    out_x, out_y = [], []
+    for x, y in zip(xs, ys):
+        acc = torch.promote_types(accumulation_dtype(x.dtype), accumulation_dtype(y.dtype))
+        out_x.append(x if x.dtype == acc else x.to(acc))
+        out_y.append(y if y.dtype == acc else y.to(acc))
+    return out_x, out_y
+
+
+def pair_sums(firsts: Sequence[Tensor], seconds: Sequence[Tensor]) -> Tensor:
+    xs, ys = _pairwise_acc(firsts, seconds)
+    if not xs:
+        return torch.zeros(3, dtype=torch.float32)
+    dots = [p.sum() for p in torch._foreach_mul(xs, ys)]
+    return torch.stack([_total(dots), _sum_of_squares(xs), _sum_of_squares(ys)])
+
+
+def _scaled_terms(values: list[Tensor], coefs: Sequence[Tensor]) -> list[Tensor]:
+    """coef · value per tensor (one launch per bucket sharing a coefficient), exactly 0 where coef = 0."""
+    out: list[Tensor] = [None] * len(values)  # type: ignore[list-item]
+    for (dtype, _), positions in _buckets([(v.dtype, id(c)) for v, c in zip(values, coefs)]).items():
+        coef = coefs[positions[0]].to(dtype)
+        products = torch._foreach_mul(_take(values, positions), coef)
+        zero = coef == 0
+        for position, product in zip(positions, products):
+            out[position] = torch.where(zero, 0.0, product)
+    return out
+
+
+def combine_(
+    targets: Sequence[Tensor], others: Sequence[Tensor], target_coefs: Sequence[Tensor], other_coefs: Sequence[Tensor]
+) -> None:
+    targets = list(targets)
+    if not targets:
+        return
+    xs = _in_accumulation_dtype(targets)
+    ys = [y.to(x.dtype) for x, y in zip(xs, others)]
+    result = _scaled_terms(xs, target_coefs)
+    torch._foreach_add_(result, _scaled_terms(ys, other_coefs))
+    torch._foreach_copy_(targets, result)
+
+
+def split_difference_(grads: Sequence[Tensor], firsts: Sequence[Tensor]) -> None:
+    grads, firsts = list(grads), list(firsts)
+    if not grads:
+        return
+    kept = [first.clone() for first in firsts]  # g
+    gs = _in_accumulation_dtype(grads)
+    torch._foreach_copy_(firsts, torch._foreach_sub(gs, [k.to(g.dtype) for k, g in zip(kept, gs)]))
+    torch._foreach_copy_(grads, kept)
+
+
+def _residuals(grads: Sequence[Tensor], moments: Sequence[Tensor], sigmas: Sequence[float]) -> list[Tensor]:
+    """d = g − σ·m per tensor in the gradient's accumulation dtype."""
+    gs = _in_accumulation_dtype(grads)
+    ms = [m.to(g.dtype) for g, m in zip(gs, moments)]
+    return torch._foreach_sub(gs, torch._foreach_mul(ms, list(sigmas)))
+
+
+def residual_sq_sum(grads: Sequence[Tensor], moments: Sequence[Tensor], *, sigmas: Sequence[float]) -> Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float32)
+    return _sum_of_squares(_residuals(grads, moments, sigmas))
+
+
+def residual_perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    moments: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    scales: Sequence[Tensor],
+    *,
+    sigmas: Sequence[float],
+    lmbdas: Sequence[float],
+) -> None:
+    params, grads, moments, saved = list(params), list(grads), list(moments), list(saved)
+    if not params:
+        return
+    torch._foreach_copy_(saved, params)
+    gs = _grads_in_weight_precision(params, grads)
+    ms = [m.to(g.dtype) for g, m in zip(gs, moments)]
+    d = torch._foreach_sub(gs, torch._foreach_mul(ms, list(sigmas)))
+    eps: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
+    for (dtype, _), positions in _buckets([(x.dtype, id(s)) for x, s in zip(d, scales)]).items():
+        for position, value in zip(positions, torch._foreach_mul(_take(d, positions), scales[positions[0]].to(dtype))):
+            eps[position] = value
+    _zero_non_finite_(eps)
+    _foreach_add_by_dtype_(params, eps)
+    new_m = torch._foreach_add(torch._foreach_mul(ms, list(lmbdas)), torch._foreach_mul(gs, [1.0 - l for l in lmbdas]))
+    for m, value, old in zip(moments, new_m, ms):
+        m.copy_(torch.where(torch.isfinite(value), value, old))

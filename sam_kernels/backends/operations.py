@@ -35,7 +35,7 @@ class Operation:
     options: tuple[str, ...] = ()  # whole-call options (ASAM's granularity and p)
     noise: bool = False  # takes a NoiseStream (seed, step, tensor numbers, element offsets) as `stream`
     writes: tuple[str, ...] = ()  # tensor lists written in place
-    returns: str = "nothing"  # "nothing" (in place), "sum" (a 0-d tensor), "sums4", "per tensor"
+    returns: str = "nothing"  # "nothing" (in place), "sum" (a 0-d tensor), "sums3", "sums4", "per tensor"
     doc: str = ""
 
 
@@ -55,6 +55,19 @@ OPERATIONS: dict[str, Operation] = {
         Operation("mix_perturb_", ("params", "grads", "saved"), ("gammas",),
                   device_scalars=("noise_coefs", "grad_coefs"), noise=True, writes=("params",),
                   doc="w ← saved + a·δ₀ + b·g"),
+        # The SAM family (GSAM, R-GSAM, LookSAM, WSAM, FriendlySAM; docs/DESIGN.md §2.5–§2.8).
+        Operation("copy_", ("targets", "sources"), writes=("targets",),
+                  doc="target ← source (keeps the first-pass gradient g)"),
+        Operation("pair_sums", ("firsts", "seconds"), returns="sums3", doc="(Σ x·y, Σ x², Σ y²)"),
+        Operation("combine_", ("targets", "others"), device_scalars=("target_coefs", "other_coefs"),
+                  writes=("targets",), doc="x ← a·x + b·y, a term with a zero coefficient counting 0"),
+        Operation("split_difference_", ("grads", "firsts"), writes=("grads", "firsts"),
+                  doc="firsts ← grads − firsts; grads ← the old firsts (WSAM's decoupled split)"),
+        Operation("residual_sq_sum", ("grads", "moments"), ("sigmas",), returns="sum",
+                  doc="Σ (g − σ·m)² (FriendlySAM)"),
+        Operation("residual_perturb_", ("params", "grads", "moments", "saved"), ("sigmas", "lmbdas"),
+                  device_scalars=("scales",), writes=("params", "saved", "moments"),
+                  doc="saved ← w; w ← w + s·(g − σ·m); m ← λ·m + (1 − λ)·g (FriendlySAM)"),
     ]
 }
 
@@ -174,8 +187,8 @@ def call(name: str, backend: str, arguments: dict[str, Any]):
 def _empty_result(op: Operation, device: torch.device):
     if op.returns == "sum":
         return torch.zeros((), dtype=torch.float32, device=device)
-    if op.returns == "sums4":
-        return torch.zeros(4, dtype=torch.float32, device=device)
+    if op.returns in ("sums3", "sums4"):
+        return torch.zeros(int(op.returns[-1]), dtype=torch.float32, device=device)
     if op.returns == "per tensor":
         return []
     return None

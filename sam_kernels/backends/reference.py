@@ -199,3 +199,77 @@ def mix_perturb_(
         g = _acc(g)
         eps = a.to(g.dtype) * delta + b.to(g.dtype) * g
         w.copy_(_acc(w_saved) + _zero_non_finite(eps))
+
+
+# ------------------------------------------------ the SAM family (docs/DESIGN.md §2.5–§2.8)
+def copy_(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
+    """target ← source, bit for bit (GSAM, R-GSAM, LookSAM and WSAM keep the first-pass g)."""
+    for x, y in zip(targets, sources):
+        x.copy_(y)
+
+
+def pair_sums(firsts: Sequence[Tensor], seconds: Sequence[Tensor]) -> Tensor:
+    """(Σ x·y, Σ x², Σ y²) over all tensors, each product in its accumulation dtype."""
+    total = None
+    for x, y in zip(firsts, seconds):
+        acc = torch.promote_types(accumulation_dtype(x.dtype), accumulation_dtype(y.dtype))
+        x, y = x.to(acc), y.to(acc)
+        sums = torch.stack([(x * y).sum(), (x * x).sum(), (y * y).sum()])
+        total = sums if total is None else _add_promoting(total, sums)
+    return total if total is not None else torch.zeros(3, dtype=torch.float32)
+
+
+def _term(coef: Tensor, x: Tensor) -> Tensor:
+    """coef · x, and exactly 0 where coef = 0 (so a skipped term drops a non-finite x instead of 0·Inf = NaN)."""
+    product = coef.to(x.dtype) * x
+    return torch.where(coef.to(x.dtype) == 0, torch.zeros_like(product), product)
+
+
+def combine_(
+    targets: Sequence[Tensor], others: Sequence[Tensor], target_coefs: Sequence[Tensor], other_coefs: Sequence[Tensor]
+) -> None:
+    """x ← a·x + b·y in x's accumulation dtype, rounded once into x."""
+    for x, y, a, b in zip(targets, others, target_coefs, other_coefs):
+        acc = accumulation_dtype(x.dtype)
+        x.copy_(_term(a, _acc(x)) + _term(b, y.to(acc)))
+
+
+def split_difference_(grads: Sequence[Tensor], firsts: Sequence[Tensor]) -> None:
+    """WSAM's decoupled split: s = g_sam − g into the buffer, g back into ``.grad``."""
+    for g_sam, first in zip(grads, firsts):
+        acc = accumulation_dtype(g_sam.dtype)
+        g = first.clone()
+        first.copy_(g_sam.to(acc) - g.to(acc))
+        g_sam.copy_(g)
+
+
+def residual_sq_sum(grads: Sequence[Tensor], moments: Sequence[Tensor], *, sigmas: Sequence[float]) -> Tensor:
+    """Σ (g − σ·m)² over all tensors (FriendlySAM's direction d = g − σ·m, m the EMA of past gradients)."""
+    total = None
+    for g, m, sigma in zip(grads, moments, sigmas):
+        d = _acc(g) - sigma * m.to(accumulation_dtype(g.dtype))
+        term = (d * d).sum()
+        total = term if total is None else _add_promoting(total, term)
+    return total if total is not None else torch.zeros((), dtype=torch.float32)
+
+
+def residual_perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    moments: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    scales: Sequence[Tensor],
+    *,
+    sigmas: Sequence[float],
+    lmbdas: Sequence[float],
+) -> None:
+    """saved ← w; w ← w + s·(g − σ·m); then m ← λ·m + (1 − λ)·g (an element whose new m is not finite keeps
+    its old m)."""
+    for w, g, m, w_saved, scale, sigma, lmbda in zip(params, grads, moments, saved, scales, sigmas, lmbdas):
+        w_saved.copy_(w)
+        acc = accumulation_dtype(w.dtype)
+        g_acc, m_acc = g.to(acc), m.to(acc)
+        eps = scale.to(acc) * (g_acc - sigma * m_acc)
+        w.copy_(_acc(w_saved) + _zero_non_finite(eps))
+        new_m = lmbda * m_acc + (1.0 - lmbda) * g_acc
+        m.copy_(torch.where(torch.isfinite(new_m), new_m, m_acc))
