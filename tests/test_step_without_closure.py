@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import sam_kernels
 from helpers import VARIANT_IDS, VARIANTS
 
 
@@ -74,3 +75,26 @@ def test_step_without_closure_and_nothing_pending_names_the_state_and_the_recipe
             opt.step()
         opt.restore()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("cls", [sam_kernels.SAM, sam_kernels.RSAM])
+def test_step_without_closure_on_a_step_the_schedule_skips_is_the_plain_base_step(cls):
+    """schedule=2: steps 1, 3, ... take one pass; a framework's step() after it is second_step(), the base step."""
+    model = _model()
+    twin = copy.deepcopy(model)
+    extra = {"seed": 3} if cls is sam_kernels.RSAM else {}
+    opts = [cls(m.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, schedule=2, **extra) for m in (model, twin)]
+    for step in range(4):
+        x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+        for opt, m, finish in ((opts[0], model, "step"), (opts[1], twin, "second_step")):
+            assert opt.sam_step_due == (step % 2 == 0)
+            if hasattr(opt, "noise_step"):
+                opt.noise_step()  # (nothing on a skipped step)
+            opt.zero_grad()
+            _loss(m, x, y).backward()
+            if opt.sam_step_due:
+                opt.first_step(zero_grad=True)
+                _loss(m, x, y).backward()
+            getattr(opt, finish)()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)

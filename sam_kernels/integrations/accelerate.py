@@ -96,6 +96,12 @@ class SAMAcceleratedOptimizer(AcceleratedOptimizer):
     def nonfinite_steps(self):
         return self.sam.nonfinite_steps
 
+    def __getattr__(self, name: str) -> Any:
+        # What else the sam_kernels optimizer has (sam_step_due, needs_second_pass, seed, ...) reads through.
+        if name.startswith("_") or "optimizer" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.sam, name)
+
     def _refuse_inside_accumulate(self, call: str) -> None:
         if not self.gradient_state.sync_gradients:
             raise RuntimeError(_ACCUMULATE_TEXT.format(call=f"{type(self.sam).__name__}.{call}"))

@@ -107,14 +107,20 @@ class SAMTrainer(Trainer):
             loss = super().training_step(model, inputs, num_items_in_batch)  # pass 1 (Trainer's loss scaling)
             if self.accelerator.sync_gradients:  # the window's last micro-batch: Trainer steps after this
                 window, self._window = self._window, []
-                sam.first_step(zero_grad=True)
-                with frozen_running_stats(model):
-                    for i, (micro_batch, items) in enumerate(window):
-                        last = i == len(window) - 1  # gradients are all-reduced once, on the last one
-                        with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
-                            super().training_step(model, micro_batch, items)  # pass 2 at w + ε
+                if sam.sam_step_due:  # (schedule=: a step it skips is Trainer's optimizer.step() alone)
+                    sam.first_step(zero_grad=True)
+                    if getattr(sam, "needs_second_pass", True):  # (LookSAM: on its SAM steps only)
+                        self._second_pass(model, window)
         except BaseException:
             self._window = []
             sam.restore()
             raise
         return loss
+
+    def _second_pass(self, model: nn.Module, window: list[tuple[dict, Any]]) -> None:
+        """Forward and backward over every micro-batch of the window at w + ε, as Trainer ran pass 1."""
+        with frozen_running_stats(model):  # BatchNorm running statistics see pass 1 only
+            for i, (micro_batch, items) in enumerate(window):
+                last = i == len(window) - 1  # gradients are all-reduced once, on the last one
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    super().training_step(model, micro_batch, items)
