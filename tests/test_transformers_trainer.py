@@ -93,8 +93,9 @@ def _hand_loop(model, opt, windows, loss_of, *, max_grad_norm, scheduler=None, a
         first_pass_losses.append(backward_over_window())
         if opt.sam_step_due:  # (schedule=: the steps it skips take one pass)
             opt.first_step(zero_grad=True)
-            with sam_kernels.frozen_running_stats(model):
-                backward_over_window()
+            if getattr(opt, "needs_second_pass", True):  # (LookSAM: its SAM steps only)
+                with sam_kernels.frozen_running_stats(model):
+                    backward_over_window()
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         opt.second_step(zero_grad=True)
@@ -114,6 +115,7 @@ def _assert_same_weights(a, b, exact=False, rtol=1e-9, atol=1e-12):
 
 OPTIMIZERS = {
     "sam": lambda params: sam_kernels.SAM(params, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9),
+    "looksam": lambda params: sam_kernels.LookSAM(params, torch.optim.SGD, rho=0.05, k=2, lr=0.05),
     "sam-every-2nd-step": lambda params: sam_kernels.SAM(params, torch.optim.SGD, rho=0.05, lr=0.05, momentum=0.9,
                                                          schedule=2),
     "asam": lambda params: sam_kernels.ASAM(params, torch.optim.AdamW, rho=0.5, lr=0.01),
@@ -123,7 +125,7 @@ OPTIMIZERS = {
 
 # max_grad_norm 0 (no clipping: the loss scaling over the window shows in the step) or 0.5 (clips every step).
 @pytest.mark.parametrize("name,max_grad_norm", [("sam", 0.0), ("asam", 0.5), ("rsam", 0.5),
-                                                ("sam-every-2nd-step", 0.5)])
+                                                ("looksam", 0.5), ("sam-every-2nd-step", 0.5)])
 def test_sam_trainer_with_accumulation_clipping_and_a_scheduler_equals_a_hand_loop(tmp_path, name, max_grad_norm):
     model = _gpt2()
     twin = copy.deepcopy(model)
