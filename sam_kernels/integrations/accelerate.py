@@ -46,7 +46,9 @@ micro-batch of the window in *both* passes, which accelerate's one-micro-batch-
 per-iteration accumulation cannot give; :class:`SAMAcceleratedOptimizer` raises
 there instead of training on the last micro-batch only.
 ``accelerator.save_state()``/``load_state()`` checkpoint the SAM optimizer as
-they do any other (between steps).
+they do any other (between steps). The SAM optimizer's other attributes read
+through (``opt.sam_step_due`` with ``schedule=``, R-SAM's ``opt.seed``, ...);
+``opt.sam`` is the SAM optimizer itself.
 """
 
 from __future__ import annotations
