@@ -552,6 +552,8 @@ class SharpnessAwareOptimizer(Optimizer):
             return loss
         if self._phase == "noised":
             self._expect("perturbed", "step()", "call first_step() after the first backward pass")
+        if closure is None and self._phase == "idle" and not self.sam_step_due:
+            return self.second_step(scaler=scaler)  # a step the schedule skips: the plain base step
         if closure is None:
             raise RuntimeError(
                 f"{type(self).__name__}.step() was called without a closure and no SAM step is pending "
