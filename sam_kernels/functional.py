@@ -220,16 +220,21 @@ def combine_(
                                "other_coefs": other_coefs})
 
 
-def split_difference_(grads: Sequence[Tensor], firsts: Sequence[Tensor], *, backend: str = "auto") -> None:
-    """firsts ← grads − firsts (WSAM's sharpness gradient g_sam − g); grads ← the old firsts (g)."""
-    call("split_difference_", backend, {"grads": grads, "firsts": firsts})
+def split_difference_(
+    grads: Sequence[Tensor], firsts: Sequence[Tensor], skips: Sequence[Tensor], *, backend: str = "auto"
+) -> None:
+    """firsts ← grads − firsts (WSAM's sharpness gradient g_sam − g); grads ← the old firsts (g), bit for bit.
+    Where a tensor's 0-d bool ``skip`` is set (a non-finite first pass): firsts ← 0 and grads stay."""
+    call("split_difference_", backend, {"grads": grads, "firsts": firsts, "skips": skips})
 
 
 def residual_sq_sum(
-    grads: Sequence[Tensor], moments: Sequence[Tensor], *, sigmas: FloatOrSeq, backend: str = "auto"
+    params: Sequence[Tensor], grads: Sequence[Tensor], moments: Sequence[Tensor], *, sigmas: FloatOrSeq,
+    backend: str = "auto",
 ) -> Tensor:
-    """Σ (g − σ·m)² (FriendlySAM: the squared norm of the gradient minus σ times its EMA)."""
-    return call("residual_sq_sum", backend, {"grads": grads, "moments": moments, "sigmas": sigmas})
+    """Σ (g − σ·m)² (FriendlySAM: the squared norm of the gradient minus σ times its EMA), in each weight's
+    accumulation dtype."""
+    return call("residual_sq_sum", backend, {"params": params, "grads": grads, "moments": moments, "sigmas": sigmas})
 
 
 def residual_perturb_(

@@ -228,7 +228,7 @@ def names(case: Case) -> list[str]:
 
 def make_optimizer(variant, backend: str, case: Case, groups, lr: float = 0.0):
     cls, kwargs, _ = variant
-    extra = {"seed": case.seed} if cls is sam_kernels.RSAM else {}
+    extra = {"seed": case.seed} if issubclass(cls, sam_kernels.RSAM) else {}
     return cls(groups, torch.optim.SGD, lr=lr, backend=backend, **{**kwargs, "rho": case.rhos[0]}, **extra)
 
 
@@ -260,6 +260,14 @@ def assert_equal_values(params, before, what: str) -> None:
     for k, (p, b) in enumerate(zip(params, before)):
         assert p.dtype == b.dtype and p.shape == b.shape, f"{what}: param {k} changed dtype/shape"
         assert torch.equal(p.detach(), b), f"{what}: param {k} ({p.dtype}, {tuple(p.shape)}) moved"
+
+
+def assert_kept_after_base_step(params, before, what: str) -> None:
+    """assert_equal_values after an lr = 0 base step, except where .grad is not finite: GSAM, R-GSAM, WSAM
+    and LookSAM rewrite .grad (g_sam − α·g_⊥, β·g_sam + (1 − β)·g, g + α·(‖g‖/‖g_v‖)·g_v), which can
+    overflow a float16 gradient, and SGD's w − 0·inf is NaN."""
+    finite = [p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params]
+    assert_equal_values([p for p, f in zip(params, finite) if f], [b for b, f in zip(before, finite) if f], what)
 
 
 @contextlib.contextmanager
@@ -301,7 +309,7 @@ def _apply_sabotage(variant, opt, params, sabotage, point: str) -> bool:
     if kind == "hyper":
         if when != point and not (point == "before_step" and not is_rsam(opt) and when == "after_noise_step"):
             return False
-        keys = [k for k in variant[1] if k not in ("p", "granularity")]
+        keys = [k for k in variant[1] if k not in ("p", "granularity", "k", "decouple")]  # not group keys
         opt.param_groups[pick % len(opt.param_groups)][keys[pick % len(keys)]] = value
         return True
     with_grad = [p for p in params if p.grad is not None]
@@ -344,7 +352,7 @@ def check_step_runs_or_refuses_untouched(variant, backend: str, case: Case, sabo
             _set_grads(params, case, salt=20 + step, with_nonfinite=False)  # the second backward
             opt.second_step()
             # lr = 0: the base step adds -0·g; the weights keep their values.
-            assert_equal_values(params, step_start, f"second_step() of step {step} with lr=0")
+            assert_kept_after_base_step(params, step_start, f"second_step() of step {step} with lr=0")
     assert opt._phase == "idle"
 
 
@@ -381,7 +389,7 @@ def check_exact_restore(variant, backend: str, case: Case) -> None:
         opt.first_step()
         _set_grads(params, case, salt=2, with_nonfinite=False)
         opt.second_step()
-    assert_equal_values(params, before, "first_step() then second_step() with lr=0")
+    assert_kept_after_base_step(params, before, "first_step() then second_step() with lr=0")
     for p, b in zip(params, before):
         assert p.stride() == b.stride()
 

@@ -278,27 +278,27 @@ def combine_(
     torch._foreach_copy_(targets, result)
 
 
-def split_difference_(grads: Sequence[Tensor], firsts: Sequence[Tensor]) -> None:
+def split_difference_(grads: Sequence[Tensor], firsts: Sequence[Tensor], skips: Sequence[Tensor]) -> None:
     grads, firsts = list(grads), list(firsts)
     if not grads:
         return
     kept = [first.clone() for first in firsts]  # g
     gs = _in_accumulation_dtype(grads)
-    torch._foreach_copy_(firsts, torch._foreach_sub(gs, [k.to(g.dtype) for k, g in zip(kept, gs)]))
-    torch._foreach_copy_(grads, kept)
+    sharpness = torch._foreach_sub(gs, [k.to(g.dtype) for k, g in zip(kept, gs)])
+    # A skipped first pass (0-d bool per tensor): no sharpness, .grad keeps g_sam.
+    torch._foreach_copy_(firsts, [torch.where(skip, 0.0, s) for s, skip in zip(sharpness, skips)])
+    torch._foreach_copy_(grads, [torch.where(skip, g_sam, k.to(g_sam.dtype)) for g_sam, k, skip in
+                                 zip(grads, kept, skips)])
 
 
-def _residuals(grads: Sequence[Tensor], moments: Sequence[Tensor], sigmas: Sequence[float]) -> list[Tensor]:
-    """d = g − σ·m per tensor in the gradient's accumulation dtype."""
-    gs = _in_accumulation_dtype(grads)
-    ms = [m.to(g.dtype) for g, m in zip(gs, moments)]
-    return torch._foreach_sub(gs, torch._foreach_mul(ms, list(sigmas)))
-
-
-def residual_sq_sum(grads: Sequence[Tensor], moments: Sequence[Tensor], *, sigmas: Sequence[float]) -> Tensor:
+def residual_sq_sum(
+    params: Sequence[Tensor], grads: Sequence[Tensor], moments: Sequence[Tensor], *, sigmas: Sequence[float]
+) -> Tensor:
     if not grads:
         return torch.zeros((), dtype=torch.float32)
-    return _sum_of_squares(_residuals(grads, moments, sigmas))
+    gs = _grads_in_weight_precision(params, grads)  # d = g − σ·m in each weight's accumulation dtype
+    ms = [m.to(g.dtype) for g, m in zip(gs, moments)]
+    return _sum_of_squares(torch._foreach_sub(gs, torch._foreach_mul(ms, list(sigmas))))
 
 
 def residual_perturb_(

@@ -61,9 +61,10 @@ OPERATIONS: dict[str, Operation] = {
         Operation("pair_sums", ("firsts", "seconds"), returns="sums3", doc="(Σ x·y, Σ x², Σ y²)"),
         Operation("combine_", ("targets", "others"), device_scalars=("target_coefs", "other_coefs"),
                   writes=("targets",), doc="x ← a·x + b·y, a term with a zero coefficient counting 0"),
-        Operation("split_difference_", ("grads", "firsts"), writes=("grads", "firsts"),
-                  doc="firsts ← grads − firsts; grads ← the old firsts (WSAM's decoupled split)"),
-        Operation("residual_sq_sum", ("grads", "moments"), ("sigmas",), returns="sum",
+        Operation("split_difference_", ("grads", "firsts"), device_scalars=("skips",), writes=("grads", "firsts"),
+                  doc="firsts ← grads − firsts; grads ← the old firsts (WSAM's decoupled split); where the "
+                      "0-d bool skip is set: firsts ← 0, grads kept"),
+        Operation("residual_sq_sum", ("params", "grads", "moments"), ("sigmas",), returns="sum",
                   doc="Σ (g − σ·m)² (FriendlySAM)"),
         Operation("residual_perturb_", ("params", "grads", "moments", "saved"), ("sigmas", "lmbdas"),
                   device_scalars=("scales",), writes=("params", "saved", "moments"),

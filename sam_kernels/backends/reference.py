@@ -234,20 +234,26 @@ def combine_(
         x.copy_(_term(a, _acc(x)) + _term(b, y.to(acc)))
 
 
-def split_difference_(grads: Sequence[Tensor], firsts: Sequence[Tensor]) -> None:
-    """WSAM's decoupled split: s = g_sam − g into the buffer, g back into ``.grad``."""
-    for g_sam, first in zip(grads, firsts):
+def split_difference_(grads: Sequence[Tensor], firsts: Sequence[Tensor], skips: Sequence[Tensor]) -> None:
+    """WSAM's decoupled split: s = g_sam − g into the buffer, g back into ``.grad``; when ``skip`` (the first
+    pass was not finite) s = 0 and ``.grad`` keeps g_sam."""
+    for g_sam, first, skip in zip(grads, firsts, skips):
         acc = accumulation_dtype(g_sam.dtype)
         g = first.clone()
-        first.copy_(g_sam.to(acc) - g.to(acc))
-        g_sam.copy_(g)
+        s = g_sam.to(acc) - g.to(acc)
+        first.copy_(torch.where(skip, torch.zeros_like(s), s))
+        g_sam.copy_(torch.where(skip, g_sam, g.to(g_sam.dtype)))
 
 
-def residual_sq_sum(grads: Sequence[Tensor], moments: Sequence[Tensor], *, sigmas: Sequence[float]) -> Tensor:
-    """Σ (g − σ·m)² over all tensors (FriendlySAM's direction d = g − σ·m, m the EMA of past gradients)."""
+def residual_sq_sum(
+    params: Sequence[Tensor], grads: Sequence[Tensor], moments: Sequence[Tensor], *, sigmas: Sequence[float]
+) -> Tensor:
+    """Σ (g − σ·m)² over all tensors (FriendlySAM's direction d = g − σ·m, m the EMA of past gradients), in
+    each weight's accumulation dtype."""
     total = None
-    for g, m, sigma in zip(grads, moments, sigmas):
-        d = _acc(g) - sigma * m.to(accumulation_dtype(g.dtype))
+    for w, g, m, sigma in zip(params, grads, moments, sigmas):
+        acc = accumulation_dtype(w.dtype)
+        d = g.to(acc) - sigma * m.to(acc)
         term = (d * d).sum()
         total = term if total is None else _add_promoting(total, term)
     return total if total is not None else torch.zeros((), dtype=torch.float32)

@@ -28,6 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import functional as F
 from .._validation import check_seed
+from .amp import _stage_name
 from .base import ParamSelection, SharpnessAwareOptimizer
 from .rsam import RSAM
 from .sam import FirstOrderSAM
@@ -109,6 +110,19 @@ class _KeepsFirstGradient:
         self._kept_store = store if store is not None else _ParamBuffers()
         self._kept = ParamSelection()
         self._kept_grads = []
+        self._kept_inv_scale: Tensor | None = None
+
+    @torch.compiler.disable
+    def second_step(self, zero_grad: bool = False, scaler: "torch.amp.GradScaler | None" = None) -> None:
+        # The kept g is the scaled first-pass gradient; when the caller already unscaled .grad (g_sam) through
+        # scaler.unscale_(opt.base_optimizer), e.g. to clip, the kept g is unscaled the same way first.
+        base = self.base_optimizer
+        if scaler is not None and scaler.is_enabled() and _stage_name(scaler, base) == "UNSCALED":
+            self._kept_inv_scale = scaler._scale.double().reciprocal().float()
+        try:
+            super().second_step(zero_grad, scaler)
+        finally:
+            self._kept_inv_scale = None
 
     def _keep_first_gradient(self, plan) -> None:
         selection = self._select(plan, needs_grad=True)
@@ -122,6 +136,11 @@ class _KeepsFirstGradient:
     def _take_kept(self) -> tuple[ParamSelection, list[Tensor]]:
         selection, buffers = _with_grad(self._kept, self._kept_grads)
         self._kept, self._kept_grads = ParamSelection(), []
+        inv = self._kept_inv_scale
+        if inv is not None and buffers:
+            inv = inv.to(buffers[0].device)
+            F.combine_(buffers, buffers, [inv] * len(buffers), [torch.zeros_like(inv)] * len(buffers),
+                       backend=self._backend)
         return selection, buffers
 
 
@@ -331,7 +350,8 @@ class LookSAM(_KeepsFirstGradient, FirstOrderSAM):
             self._keep_first_gradient(self._plan())
             super().first_step(zero_grad)
             return
-        self._begin()
+        plan = self._begin()
+        self._select(plan, needs_grad=True)  # the gradients are checked as on a SAM step (nothing is written)
         self._perturbed = ParamSelection()
         self._path = "generic"
         if self._nonfinite is not None:
@@ -402,6 +422,8 @@ class WSAM(_KeepsFirstGradient, FirstOrderSAM):
       w ← w − lr · β · (g_sam − g), the sharpness term applied outside the base optimizer (like decoupled
       weight decay).
 
+    When the first pass is not finite (SAM skips ε, ``found_nonfinite``), the base step takes g_sam alone.
+
     ``rho`` and ``gamma`` may be set per param group, ``decouple`` holds for the optimizer. Extra memory:
     one buffer per parameter for the step (g, then g_sam − g). ``decouple=True`` does not take a
     ``GradScaler`` (the sharpness term would need unscaling outside the base step).
@@ -432,6 +454,7 @@ class WSAM(_KeepsFirstGradient, FirstOrderSAM):
         return self._decouple
 
     def _check_gammas(self) -> None:
+        self._check_groups()  # a number >= 0 first, with the common message
         for number, group in enumerate(self.param_groups):
             if not group["gamma"] < 1:
                 raise ValueError(f"WSAM: param_groups[{number}]['gamma'] must be in [0, 1), got {group['gamma']!r}")
@@ -459,14 +482,18 @@ class WSAM(_KeepsFirstGradient, FirstOrderSAM):
         if not selection.params:
             return
         grads = selection.grads
+        device = grads[0].device
+        # A non-finite first pass (SAM skipped ε): the base step takes g_sam, as SAM's would.
+        skip = self._nonfinite.to(device)
         if self._decouple:
-            F.split_difference_(grads, kept, backend=self._backend)  # .grad ← g, kept ← g_sam − g
+            F.split_difference_(grads, kept, [skip] * len(grads), backend=self._backend)  # .grad ← g, kept ← s
             self._sharpness = (selection, kept)
             return
-        device = grads[0].device
         betas = self._betas(selection)
-        F.combine_(grads, kept, _device_scalars(betas, device), _device_scalars([1.0 - b for b in betas], device),
-                   backend=self._backend)
+        one, zero = torch.ones((), dtype=torch.float64, device=device), torch.zeros((), dtype=torch.float64, device=device)
+        a = [torch.where(skip, one, beta) for beta in _device_scalars(betas, device)]
+        b = [torch.where(skip, zero, rest) for rest in _device_scalars([1.0 - beta for beta in betas], device)]
+        F.combine_(grads, kept, a, b, backend=self._backend)
 
     @torch.no_grad()
     def _after_second_step(self) -> None:
@@ -520,6 +547,7 @@ class FriendlySAM(SharpnessAwareOptimizer):
         self._moments = _ParamBuffers(persistent=True)
 
     def _check_lmbdas(self) -> None:
+        self._check_groups()  # a number >= 0 first, with the common message
         for number, group in enumerate(self.param_groups):
             if not group["lmbda"] <= 1:
                 raise ValueError(f"FriendlySAM: param_groups[{number}]['lmbda'] must be in [0, 1], "
@@ -547,7 +575,7 @@ class FriendlySAM(SharpnessAwareOptimizer):
             lmbdas.append(0.0 if fresh else group["lmbda"])
         saved = self._allocate_saved(selection)
         if selection.params:
-            sq_sum = F.residual_sq_sum(grads, moments, sigmas=sigmas, backend=self._backend)
+            sq_sum = F.residual_sq_sum(selection.tensors, grads, moments, sigmas=sigmas, backend=self._backend)
             scales, skipped = F.sam_scales(selection.all_reduce_(sq_sum), selection.per_tensor("rho"))
             F.residual_perturb_(selection.tensors, grads, moments, saved, scales, sigmas=sigmas, lmbdas=lmbdas,
                                 backend=self._backend)
