@@ -153,7 +153,7 @@ def summarise(histories: list[History]) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| optimizer | clean test accuracy (%) | final train loss | optimizer ms / step | wall s / run |",
+    lines = ["| optimizer | test accuracy (%) | final train loss | optimizer ms / step | wall s / run |",
              "|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['optimizer']} | {row['test_acc_mean']:.2f} ± {row['test_acc_std']:.2f} "

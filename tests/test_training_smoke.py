@@ -50,7 +50,7 @@ def test_each_optimizer_reaches_sgd_accuracy(digits, sgd_accuracy, name):
 
 def test_train_program_writes_json_png_and_table(tmp_path, capsys):
     rows = _program("train").main(["--epochs", "2", "--seeds", "0", "1", "--optimizers", "SGD", "SAM", "R-SAM",
-                                   "--width", "8", "--out", str(tmp_path), "--no-progress"])
+                                   "--width", "8", "--label-noise", "0", "--out", str(tmp_path), "--no-progress"])
     printed = capsys.readouterr().out
     assert "| optimizer | test accuracy (%)" in printed and "| R-SAM |" in printed
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -60,6 +60,18 @@ def test_train_program_writes_json_png_and_table(tmp_path, capsys):
         assert all(torch.isfinite(torch.tensor(run["train_loss"])))
         assert run["test_accuracy"][-1] > 0.2  # well above chance (10 classes) after two epochs
     assert _is_png(tmp_path / "curves.png")
+
+
+def test_train_program_label_noise_flips_the_asked_fraction_to_other_classes():
+    labels = torch.randint(0, 10, (1000,), generator=torch.Generator().manual_seed(3))
+    noisy = _program("train").symmetric_label_noise(labels, 0.4, 10, seed=5)
+    changed = noisy != labels
+    assert int(changed.sum()) == 400  # exactly 40 %, and every changed label is another class
+    assert noisy.min() >= 0 and noisy.max() <= 9
+    # The wrong labels spread over the other nine classes (symmetric noise), not onto one.
+    offsets = ((noisy[changed] - labels[changed]) % 10).bincount(minlength=10)
+    assert offsets[0] == 0 and (offsets[1:] > 20).all()
+    assert torch.equal(noisy, _program("train").symmetric_label_noise(labels, 0.4, 10, seed=5))
 
 
 def _fake_cifar10(root: Path, per_batch: int = 20) -> None:
