@@ -1,5 +1,5 @@
 """sam_kernels: fast sharpness-aware optimizers for PyTorch (SAM, ASAM, R-SAM, GSAM, R-GSAM, LookSAM, WSAM,
-FriendlySAM).
+FriendlySAM, Momentum-SAM), with scheduled SAM steps (``schedule=``, :mod:`sam_kernels.schedules`).
 
 >>> import torch, sam_kernels
 >>> model = torch.nn.Linear(4, 2)
@@ -8,11 +8,13 @@ FriendlySAM).
 See README.md for both step APIs and the backends.
 """
 
-from . import functional, noise
+from . import functional, noise, schedules
 from .backends import available_backends, register_backend
 from .batchnorm import frozen_running_stats
 from .measures import sharpness
-from .optim import ASAM, GSAM, RGSAM, RSAM, SAM, WSAM, FriendlySAM, LookSAM, ProportionalRho, SharpnessAwareOptimizer
+from .optim import (
+    ASAM, GSAM, MSAM, RGSAM, RSAM, SAM, WSAM, FriendlySAM, LookSAM, ProportionalRho, SharpnessAwareOptimizer,
+)
 
 __version__ = "0.1.0"
 
@@ -25,6 +27,7 @@ __all__ = [
     "LookSAM",
     "WSAM",
     "FriendlySAM",
+    "MSAM",
     "ProportionalRho",
     "SharpnessAwareOptimizer",
     "available_backends",
@@ -33,5 +36,6 @@ __all__ = [
     "frozen_running_stats",
     "functional",
     "noise",
+    "schedules",
     "__version__",
 ]

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from sam_kernels.optim.msam import MSAM
+from sam_kernels import MSAM
 
 
 def _model(dtype=torch.float64):
