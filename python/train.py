@@ -12,17 +12,21 @@ the wrong labels, SAM resists memorising them. ``--label-noise 0`` trains on the
     python python/train.py --label-noise 0                      # the clean task
     python python/train.py --optimizers SGD SAM GSAM --seeds 0 1 2 3 4
     python python/train.py --dataset cifar10 --data-dir ~/data --epochs 200 --device cuda
+    python python/train.py --frontier --seeds 0 1 2 3 4 --threads 1   # SAM without paying 2×: accuracy vs time
 
 SGD with momentum 0.9, weight decay, a per-step cosine schedule; BatchNorm statistics from the first
 (unperturbed) forward pass only. The table gives the clean test accuracy at the end (mean ± std over
 seeds), the final training loss (on the noisy labels), the optimizer's own time per step (noise_step +
 first_step + second_step, or SGD's step: what the optimizer adds, without the forward/backward passes)
-and the wall time of a run. Writes results.json and curves.png into --out.
+and the wall time of a run. Writes results.json and curves.png into --out. ``--frontier`` compares
+SGD, SAM, SAM on schedules (every 2nd / 5th step, Bernoulli 0.5, adaptive), Momentum-SAM and LookSAM
+with forward/backward passes per step and the accuracy-vs-wall-time Pareto front (frontier.png).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -45,6 +49,19 @@ OPTIMIZERS = {
     "WSAM": (sam_kernels.WSAM, {"rho": 0.05, "gamma": 0.9, "decouple": True}),
     "FriendlySAM": (sam_kernels.FriendlySAM, {"rho": 0.05, "sigma": 1.0, "lmbda": 0.9}),
 }
+# SAM without paying 2× (README): SAM steps on a schedule, and Momentum-SAM's one pass. A callable value is
+# called with the run's seed. Not in the default list; `--frontier` runs them with SGD, SAM and LookSAM.
+CHEAP_OPTIMIZERS = {
+    "SAM every 2nd": (sam_kernels.SAM, {"rho": 0.05, "schedule": 2}),
+    "SAM every 5th": (sam_kernels.SAM, {"rho": 0.05, "schedule": 5}),
+    "SAM Bernoulli 0.5": (sam_kernels.SAM, {"rho": 0.05,
+                                            "schedule": lambda seed: sam_kernels.schedules.Bernoulli(0.5, seed)}),
+    "SAM adaptive": (sam_kernels.SAM, {"rho": 0.05, "schedule": lambda seed: sam_kernels.schedules.Adaptive(0.0)}),
+    "MSAM": (sam_kernels.MSAM, {"rho": 0.3}),
+}
+FRONTIER = ["SGD", "SAM", *CHEAP_OPTIMIZERS, "LookSAM"]
+OPTIMIZERS.update(CHEAP_OPTIMIZERS)
+DEFAULT_OPTIMIZERS = [name for name in OPTIMIZERS if name not in CHEAP_OPTIMIZERS]
 
 
 def symmetric_label_noise(labels: torch.Tensor, fraction: float, classes: int, seed: int) -> torch.Tensor:
@@ -64,13 +81,15 @@ def make_optimizer(name: str, params, *, lr: float, weight_decay: float, backend
     if OPTIMIZERS[name] is None:
         return torch.optim.SGD(params, **base_kwargs)
     cls, kwargs = OPTIMIZERS[name]
+    kwargs = {key: value(seed) if callable(value) else value for key, value in kwargs.items()}
     if issubclass(cls, sam_kernels.RSAM):
         kwargs = {**kwargs, "seed": seed}
     return cls(params, torch.optim.SGD, backend=backend, **kwargs, **base_kwargs)
 
 
-def training_step(model, optimizer, loss_fn, x, y) -> tuple[torch.Tensor, float]:
-    """One step of any optimizer of OPTIMIZERS: (loss at the first pass, seconds spent in the optimizer)."""
+def training_step(model, optimizer, loss_fn, x, y) -> tuple[torch.Tensor, float, int]:
+    """One step of any optimizer of OPTIMIZERS: (loss at the first pass, seconds spent in the optimizer,
+    forward/backward passes taken)."""
     spent = 0.0
     if isinstance(optimizer, sam_kernels.RSAM):  # R-SAM, R-GSAM
         start = time.perf_counter()
@@ -80,17 +99,22 @@ def training_step(model, optimizer, loss_fn, x, y) -> tuple[torch.Tensor, float]
     loss = loss_fn(model(x), y)
     loss.backward()
     start = time.perf_counter()
-    if not isinstance(optimizer, sam_kernels.SharpnessAwareOptimizer):
-        optimizer.step()
-        return loss.detach(), spent + time.perf_counter() - start
+    if not isinstance(optimizer, sam_kernels.SharpnessAwareOptimizer) or isinstance(optimizer, sam_kernels.MSAM):
+        optimizer.step()  # SGD, and Momentum-SAM's one pass
+        return loss.detach(), spent + time.perf_counter() - start, 1
+    if not optimizer.sam_step_due:  # a step schedule= skips: the plain base step
+        optimizer.second_step()
+        return loss.detach(), spent + time.perf_counter() - start, 1
     optimizer.first_step(zero_grad=True)
     spent += time.perf_counter() - start
+    passes = 1
     if getattr(optimizer, "needs_second_pass", True):  # LookSAM: only every k-th step
         with sam_kernels.frozen_running_stats(model):
             loss_fn(model(x), y).backward()
+        passes = 2
     start = time.perf_counter()
     optimizer.second_step()
-    return loss.detach(), spent + time.perf_counter() - start
+    return loss.detach(), spent + time.perf_counter() - start, passes
 
 
 @dataclass
@@ -101,6 +125,7 @@ class History:
     test_accuracy: list[float] = field(default_factory=list)
     seconds: float = 0.0
     optimizer_ms_per_step: float = 0.0
+    passes_per_step: float = 0.0
 
 
 def train(model: nn.Module, name: str, data, *, seed: int, epochs: int, batch_size: int, lr: float,
@@ -111,7 +136,7 @@ def train(model: nn.Module, name: str, data, *, seed: int, epochs: int, batch_si
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss()
     history = History(name, seed)
-    optimizer_seconds, steps = 0.0, 0
+    optimizer_seconds, steps, passes = 0.0, 0, 0
     start = time.perf_counter()
     model.train()
     for _ in range(epochs):
@@ -121,18 +146,29 @@ def train(model: nn.Module, name: str, data, *, seed: int, epochs: int, batch_si
             x = data.train_x[batch]
             if data.augment:
                 x = augment(x)
-            loss, spent = training_step(model, optimizer, loss_fn, x, data.train_y[batch])
+            loss, spent, taken = training_step(model, optimizer, loss_fn, x, data.train_y[batch])
             epoch_loss += loss * len(batch)
             optimizer_seconds += spent
             steps += 1
+            passes += taken
             scheduler.step()
         history.train_loss.append(float(epoch_loss) / len(data.train_y))
-        history.test_accuracy.append(evaluate(model, data.test_x, data.test_y)[0])
+        # Momentum-SAM's weights sit at the perturbed point between steps: evaluate at the unperturbed one.
+        at_w = optimizer.unperturbed() if isinstance(optimizer, sam_kernels.MSAM) else contextlib.nullcontext()
+        with at_w:
+            history.test_accuracy.append(evaluate(model, data.test_x, data.test_y)[0])
         if progress is not None:
             progress.set_postfix(loss=f"{history.train_loss[-1]:.3f}", acc=f"{100 * history.test_accuracy[-1]:.1f}%")
             progress.update(1)
     history.seconds = time.perf_counter() - start
     history.optimizer_ms_per_step = 1e3 * optimizer_seconds / max(steps, 1)
+    history.passes_per_step = passes / max(steps, 1)
+    if isinstance(optimizer, sam_kernels.MSAM):  # leave the model at its unperturbed weights
+        with torch.no_grad(), optimizer.unperturbed():
+            final = [p.detach().clone() for p in model.parameters()]
+        with torch.no_grad():
+            for p, value in zip(model.parameters(), final):
+                p.copy_(value)
     return history
 
 
@@ -148,17 +184,49 @@ def summarise(histories: list[History]) -> list[dict]:
             "train_loss": statistics.fmean(h.train_loss[-1] for h in runs),
             "optimizer_ms_per_step": statistics.fmean(h.optimizer_ms_per_step for h in runs),
             "seconds": statistics.fmean(h.seconds for h in runs),
+            "passes_per_step": statistics.fmean(h.passes_per_step for h in runs),
         })
     return rows
 
 
+def pareto_front(rows: list[dict]) -> set[str]:
+    """The rows no other row beats on both wall time (lower) and mean test accuracy (higher)."""
+    return {
+        row["optimizer"] for row in rows
+        if not any(other["seconds"] <= row["seconds"] and other["test_acc_mean"] >= row["test_acc_mean"]
+                   and (other["seconds"], other["test_acc_mean"]) != (row["seconds"], row["test_acc_mean"])
+                   for other in rows)
+    }
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| optimizer | test accuracy (%) | final train loss | optimizer ms / step | wall s / run |",
-             "|---|---|---|---|---|"]
+    front = pareto_front(rows)
+    lines = ["| optimizer | test accuracy (%) | final train loss | passes / step | optimizer ms / step "
+             "| wall s / run | accuracy-vs-time front |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['optimizer']} | {row['test_acc_mean']:.2f} ± {row['test_acc_std']:.2f} "
-                     f"| {row['train_loss']:.4f} | {row['optimizer_ms_per_step']:.2f} | {row['seconds']:.1f} |")
+                     f"| {row['train_loss']:.4f} | {row['passes_per_step']:.2f} | {row['optimizer_ms_per_step']:.2f} "
+                     f"| {row['seconds']:.1f} | {'yes' if row['optimizer'] in front else ''} |")
     return "\n".join(lines)
+
+
+def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
+    """Test accuracy (mean ± std) against wall time per run; the Pareto front joined."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for row in rows:
+        ax.errorbar(row["seconds"], row["test_acc_mean"], yerr=row["test_acc_std"], fmt="o", capsize=3)
+        ax.annotate(row["optimizer"], (row["seconds"], row["test_acc_mean"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    front = sorted((r for r in rows if r["optimizer"] in pareto_front(rows)), key=lambda r: r["seconds"])
+    ax.plot([r["seconds"] for r in front], [r["test_acc_mean"] for r in front], "k--", lw=1, label="Pareto front")
+    ax.set(xlabel="wall time per run (s)", ylabel="clean test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def verdict(rows: list[dict]) -> str:
@@ -213,7 +281,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--width", type=int, default=8, help="ResNet width of the first stage")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS))
+    parser.add_argument("--optimizers", nargs="+", default=None, choices=list(OPTIMIZERS),
+                        help="default: SGD and the SAM family (with --frontier: SGD, SAM, the cheap steps, LookSAM)")
+    parser.add_argument("--frontier", action="store_true",
+                        help="accuracy against time: SAM on schedules and Momentum-SAM, with frontier.png")
     parser.add_argument("--backend", default="auto", choices=list(sam_kernels.backends.BACKEND_NAMES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -224,6 +295,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.error("--label-noise must be in [0, 1)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.optimizers is None:
+        args.optimizers = FRONTIER if args.frontier else DEFAULT_OPTIMIZERS
 
     device = torch.device(args.device)
     data = load_dataset(args.dataset, args.data_dir)
@@ -240,10 +313,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for seed in args.seeds:
             torch.manual_seed(seed)
             model = SmallResNet(in_channels, data.classes, args.width).to(device)
-            with tqdm(total=args.epochs, desc=f"{name:11s} seed {seed}", disable=args.no_progress, leave=False) as bar:
+            with tqdm(total=args.epochs, desc=f"{name:17s} seed {seed}", disable=args.no_progress, leave=False) as bar:
                 history = train(model, name, data, seed=seed, epochs=args.epochs, batch_size=args.batch_size,
                                 lr=args.lr, weight_decay=args.weight_decay, backend=args.backend, progress=bar)
-            print(f"  {name:11s} seed {seed}: clean test accuracy {100 * history.test_accuracy[-1]:.2f} %, "
+            print(f"  {name:17s} seed {seed}: clean test accuracy {100 * history.test_accuracy[-1]:.2f} %, "
                   f"train loss {history.train_loss[-1]:.4f}, optimizer {history.optimizer_ms_per_step:.2f} ms/step, "
                   f"{history.seconds:.1f} s", flush=True)
             histories.append(history)
@@ -254,11 +327,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         json.dump({"args": vars(args), "threads": torch.get_num_threads(), "runs": [asdict(h) for h in histories],
                    "summary": rows}, handle, indent=2)
     plot_curves(histories, out / "curves.png", f"{task}: small ResNet, {len(args.seeds)} seed(s)")
+    written = [out / "results.json", out / "curves.png"]
+    if args.frontier:
+        plot_frontier(rows, out / "frontier.png", f"{task}: accuracy against time")
+        written.append(out / "frontier.png")
     print()
     print(format_table(rows))
     print()
     print(verdict(rows))
-    print(f"\nwrote {out / 'results.json'} and {out / 'curves.png'}")
+    if args.frontier:
+        print("- on the accuracy-vs-time Pareto front: " + ", ".join(sorted(pareto_front(rows))))
+    print("\nwrote " + ", ".join(str(path) for path in written))
     return rows
 
 

@@ -102,3 +102,22 @@ def test_asam_toy_reproduces_fig3(tmp_path):
     assert _is_png(tmp_path / "toy.png")
     assert summary["SAM from (0.3, 0.033)"]["final_loss"] > 0.02
     assert summary["ASAM from (0.3, 0.033)"]["final_loss"] < 0.002
+
+
+def test_train_program_frontier_counts_passes_and_draws_the_front(tmp_path, capsys):
+    rows = _program("train").main(["--frontier", "--epochs", "1", "--seeds", "0", "--optimizers", "SGD", "SAM",
+                                   "SAM every 2nd", "MSAM", "--width", "4", "--out", str(tmp_path), "--no-progress"])
+    passes = {row["optimizer"]: row["passes_per_step"] for row in rows}
+    steps = -(-1437 // 128)  # digits' training split, batch 128: one epoch
+    assert passes["SGD"] == passes["MSAM"] == 1.0 and passes["SAM"] == 2.0
+    assert passes["SAM every 2nd"] == 1 + ((steps + 1) // 2) / steps  # SAM on steps 0, 2, 4, ...
+    assert "accuracy-vs-time front" in capsys.readouterr().out
+    assert _is_png(tmp_path / "frontier.png")
+
+
+def test_pareto_front_keeps_exactly_the_undominated_rows():
+    train = _program("train")
+    rows = [{"optimizer": name, "seconds": s, "test_acc_mean": a}
+            for name, s, a in [("fast", 1.0, 80.0), ("slow-better", 3.0, 90.0), ("dominated", 2.0, 79.0),
+                               ("slow-worse", 4.0, 85.0), ("tie-fast", 1.0, 80.0)]]
+    assert train.pareto_front(rows) == {"fast", "tie-fast", "slow-better"}
