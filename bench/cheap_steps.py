@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import sections  # noqa: E402
 from harness import time_ms  # noqa: E402
 from workloads import WORKLOADS, make_params_and_grads  # noqa: E402
 
@@ -34,7 +34,7 @@ import sam_kernels  # noqa: E402
 from sam_kernels.optim.msam import MSAM  # noqa: E402
 from sam_kernels.schedules import Bernoulli  # noqa: E402
 
-MARKER = "<!-- cheap-steps -->"
+MARKER = sections.CHEAP_STEPS
 TARGETS = {"skipped": 1.02, "msam": 1.5}
 
 
@@ -84,16 +84,6 @@ def table(row: dict) -> str:
     ])
 
 
-def write_into_results(text: str, path: Path) -> None:
-    block = f"{MARKER}\n## One-pass steps (CPU)\n\n{text}\n{MARKER}"
-    current = path.read_text() if path.exists() else ""
-    if MARKER in current:
-        current = re.sub(re.escape(MARKER) + r".*?" + re.escape(MARKER), lambda _: block, current, flags=re.S)
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    path.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=30)
@@ -105,7 +95,7 @@ def main() -> None:
     text = table(measure(scale=args.scale, runs=args.runs))
     print(text)
     if args.write:
-        write_into_results(text, Path(__file__).resolve().parent / "RESULTS.md")
+        sections.write_section(Path(__file__).resolve().parent / "RESULTS.md", MARKER, "One-pass steps (CPU)", text)
 
 
 if __name__ == "__main__":

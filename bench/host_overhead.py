@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sam_kernels  # noqa: E402
+import sections  # noqa: E402
 from harness import time_ms  # noqa: E402
 from workloads import WORKLOADS, make_params_and_grads  # noqa: E402
 
@@ -36,7 +36,7 @@ VARIANTS = {
     "R-SAM": (sam_kernels.RSAM, {"seed": 0}),
 }
 TARGETS = {"SAM": 0.08, "ASAM-filter": 0.12, "R-SAM": 0.4}
-MARKER = "<!-- host-overhead -->"
+MARKER = sections.HOST_OVERHEAD
 
 
 def _median_us(fn, runs: int) -> float:
@@ -87,16 +87,6 @@ def table(rows: list[dict], backend: str) -> str:
     return "\n".join(lines)
 
 
-def write_into_results(text: str, path: Path) -> None:
-    block = f"{MARKER}\n## Host overhead (CPU)\n\n{text}\n{MARKER}"
-    current = path.read_text() if path.exists() else ""
-    if MARKER in current:
-        current = re.sub(re.escape(MARKER) + r".*?" + re.escape(MARKER), lambda _: block, current, flags=re.S)
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    path.write_text(current)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="cpp")
@@ -108,7 +98,7 @@ def main() -> None:
     text = table(measure(args.backend, args.runs), args.backend)
     print(text)
     if args.write:
-        write_into_results(text, Path(__file__).resolve().parent / "RESULTS.md")
+        sections.write_section(Path(__file__).resolve().parent / "RESULTS.md", MARKER, "Host overhead (CPU)", text)
 
 
 if __name__ == "__main__":

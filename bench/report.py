@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import re
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from harness import (  # noqa: E402
     VARIANTS, copy_bandwidth, floor_bytes, memory_use, peer_sam, peer_step_fn, sam_step_fn, time_ms,
 )
 from models import ResNet50, ViTB16  # noqa: E402
-from host_overhead import MARKER as HOST_MARKER  # noqa: E402  (the bounds of host_overhead.py's section)
+from sections import kept_sections  # noqa: E402
 from workloads import WORKLOADS, make_params_and_grads, numel  # noqa: E402
 
 PEERS = {"sam": False, "asam-element-p2": True}  # pytorch-optimizer SAM(adaptive=...) counterpart
@@ -193,11 +192,10 @@ def main(argv: list[str] | None = None) -> str:
     }
     text = markdown(env, rows, e2e)
     out = Path(args.out)
-    # The host-overhead section (bench/host_overhead.py --write) is its own measurement: keep it.
+    # The sections other scripts own (host overhead, one-pass steps) are their own measurements: keep them.
     previous = out.read_text() if out.exists() else ""
-    kept = re.search(re.escape(HOST_MARKER) + r".*?" + re.escape(HOST_MARKER), previous, flags=re.S)
-    if kept:
-        text = text.rstrip() + "\n\n" + kept.group(0) + "\n"
+    for section in kept_sections(previous):
+        text = text.rstrip() + "\n\n" + section + "\n"
     out.write_text(text)
     print(text)
     return text
