@@ -162,9 +162,10 @@ def test_first_step_on_a_skipped_step_refuses_and_touches_nothing(cls, kwargs):
     assert not all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
-def test_rsam_refuses_the_adaptive_schedule():
+@pytest.mark.parametrize("cls", [sam_kernels.RSAM, sam_kernels.RGSAM])
+def test_rsam_and_rgsam_refuse_the_adaptive_schedule(cls):
     with pytest.raises(ValueError, match="adaptive"):
-        sam_kernels.RSAM(_model().parameters(), torch.optim.SGD, lr=0.1, schedule=Adaptive())
+        cls(_model().parameters(), torch.optim.SGD, lr=0.1, schedule=Adaptive())
 
 
 @pytest.mark.parametrize("make", [lambda: Bernoulli(0.5, seed=11), lambda: Adaptive(c=0.3, beta=0.7), lambda: 3],

@@ -27,7 +27,6 @@ from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import functional as F
-from .._validation import check_seed
 from .amp import _stage_name
 from .base import ParamSelection, SharpnessAwareOptimizer
 from .rsam import RSAM
@@ -183,10 +182,8 @@ class GSAM(_GradientDecomposition, FirstOrderSAM):
         backend: str = "auto",
         **base_kwargs: Any,
     ) -> None:
-        self._p, self._granularity = 2.0, None
-        SharpnessAwareOptimizer.__init__(
-            self, params, base_optimizer, {"rho": rho, "alpha": alpha}, backend=backend, **base_kwargs
-        )
+        super().__init__(params, base_optimizer, rho=rho, eta=0.0, p=2, granularity=None, backend=backend,
+                         extra_defaults={"alpha": alpha}, **base_kwargs)
         self._init_kept()
 
     @torch.compiler.disable
@@ -220,14 +217,8 @@ class RGSAM(_GradientDecomposition, RSAM):
         backend: str = "auto",
         **base_kwargs: Any,
     ) -> None:
-        if seed is None:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        self._seed = check_seed(seed)
-        self._step = 0
-        SharpnessAwareOptimizer.__init__(
-            self, params, base_optimizer, {"rho": rho, "alpha": alpha, "gamma": gamma, "lam": lam},
-            backend=backend, **base_kwargs,
-        )
+        super().__init__(params, base_optimizer, rho, gamma, lam, seed, backend=backend,
+                         extra_defaults={"alpha": alpha}, **base_kwargs)
         self._init_kept()
 
     @torch.compiler.disable
@@ -319,10 +310,8 @@ class LookSAM(_KeepsFirstGradient, FirstOrderSAM):
     ) -> None:
         self._k = self._check_k(k)
         self._looksam_step = 0
-        self._p, self._granularity = 2.0, None
-        SharpnessAwareOptimizer.__init__(
-            self, params, base_optimizer, {"rho": rho, "alpha": alpha}, backend=backend, **base_kwargs
-        )
+        super().__init__(params, base_optimizer, rho=rho, eta=0.0, p=2, granularity=None, backend=backend,
+                         extra_defaults={"alpha": alpha}, **base_kwargs)
         self._init_kept(_ParamBuffers(persistent=True))  # g during a SAM step, then g_v
         self._sam_pass = False
 
@@ -441,10 +430,8 @@ class WSAM(_KeepsFirstGradient, FirstOrderSAM):
         **base_kwargs: Any,
     ) -> None:
         self._decouple = bool(decouple)
-        self._p, self._granularity = 2.0, None
-        SharpnessAwareOptimizer.__init__(
-            self, params, base_optimizer, {"rho": rho, "gamma": gamma}, backend=backend, **base_kwargs
-        )
+        super().__init__(params, base_optimizer, rho=rho, eta=0.0, p=2, granularity=None, backend=backend,
+                         extra_defaults={"gamma": gamma}, **base_kwargs)
         self._check_gammas()
         self._init_kept()
         self._sharpness: tuple[ParamSelection, list[Tensor]] | None = None

@@ -45,16 +45,17 @@ class RSAM(SharpnessAwareOptimizer):
         seed: int | None = None,
         *,
         backend: str = "auto",
+        extra_defaults: dict[str, float] | None = None,
         **base_kwargs: Any,
     ) -> None:
+        """``extra_defaults``: per-group hyperparameters a subclass adds (R-GSAM's ``alpha``)."""
         if seed is None:
             # Drawn once, at construction, from torch's default generator (so torch.manual_seed fixes it).
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
         self._seed = check_seed(seed)
         self._step = 0
-        super().__init__(
-            params, base_optimizer, {"rho": rho, "gamma": gamma, "lam": lam}, backend=backend, **base_kwargs
-        )
+        defaults = {"rho": rho, "gamma": gamma, "lam": lam, **(extra_defaults or {})}
+        super().__init__(params, base_optimizer, defaults, backend=backend, **base_kwargs)
         if self._schedule.needs_gradient:
             raise ValueError(
                 "RSAM cannot use an adaptive schedule: it draws its noise before the first forward, before the "

@@ -32,12 +32,15 @@ class FirstOrderSAM(SharpnessAwareOptimizer):
         p: float,
         granularity: str | None,
         backend: str,
+        extra_defaults: dict[str, float] | None = None,
         **base_kwargs: Any,
     ) -> None:
+        """``extra_defaults``: per-group hyperparameters a subclass adds (GSAM's ``alpha``, ...)."""
         self._p = check_p(p)
         self._granularity = None if granularity is None else check_granularity(granularity)
         defaults = {"rho": rho} if self._granularity is None else {"rho": rho, "eta": eta}
-        super().__init__(params, base_optimizer, defaults, backend=backend, **base_kwargs)
+        super().__init__(params, base_optimizer, {**defaults, **(extra_defaults or {})}, backend=backend,
+                         **base_kwargs)
 
     _MODES = {None: 0, "element": 1, "filter": 2}
 
