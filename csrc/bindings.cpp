@@ -24,6 +24,8 @@ struct HostOps {
   static constexpr auto noise_grad_sums = &sam_host::noise_grad_sums;
   static constexpr auto mix_perturb_ = &sam_host::mix_perturb_;
   static constexpr auto standard_normal = &sam_host::standard_normal;
+  static constexpr auto restore_sgd_ = &sam_host::restore_sgd_;
+  static constexpr auto restore_adam_ = &sam_host::restore_adam_;
 };
 
 #ifdef SAM_WITH_CUDA
@@ -54,6 +56,14 @@ void bind_operations(py::module_& module) {
   module.def("standard_normal", Ops::standard_normal, "the noise stream (numel, seed, j, step, offset)");
 }
 
+// Binds the fused second step's operations (fused_step_ops.inc) of a backend that has them.
+template <typename Ops>
+void bind_fused_step(py::module_& module) {
+  using R = sam::Routed<Ops>;
+  module.def("restore_sgd_", &R::restore_sgd_, "w <- saved, then torch.optim.SGD's update (one pass)");
+  module.def("restore_adam_", &R::restore_adam_, "w <- saved, then torch.optim.Adam(W)'s update (one pass)");
+}
+
 void bind_step_plan(py::module_& host) {
   using sam_host::StepPlan;
   py::class_<StepPlan>(host, "StepPlan", "the cached step plan of backend='cpp' (csrc/host_plan.h)")
@@ -78,6 +88,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sam_kernels native extension: host (at::parallel_for) and CUDA multi-tensor backend operations";
   auto host = m.def_submodule("host", "operations on CPU tensors (backend='cpp')");
   bind_operations<HostOps>(host);
+  bind_fused_step<HostOps>(host);
   bind_step_plan(host);
   host.def("philox4x32_10", &sam_host::philox4x32_10, "Philox4x32-10 of one counter (4 words) and key (2 words)");
 #ifdef SAM_WITH_CUDA

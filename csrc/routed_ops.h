@@ -56,6 +56,18 @@ std::vector<T> pick(const std::vector<T>& items, const std::vector<size_t>& posi
   return out;
 }
 
+// Each per-tensor list of `lists` picked at `positions`.
+template <typename T>
+std::vector<std::vector<T>> pick_each(const std::vector<std::vector<T>>& lists, const std::vector<size_t>& positions) {
+  std::vector<std::vector<T>> out;
+  out.reserve(lists.size());
+  for (const auto& list : lists) {
+    TORCH_CHECK(list.size() >= positions.size(), "sam_kernels: a per-tensor list is shorter than the tensor lists");
+    out.push_back(pick(list, positions));
+  }
+  return out;
+}
+
 // Sum of per-bucket totals: float32, or float64 when any bucket was float64 (None when there is none).
 inline c10::optional<at::Tensor> add_totals(const Tensors& parts) {
   if (parts.empty()) return c10::nullopt;
@@ -132,6 +144,28 @@ struct Routed {
     for (const auto& b : r.buckets)
       Ops::mix_perturb_(pick(params, b), pick(grads, b), pick(saved, b), pick(noise_coefs, b), pick(grad_coefs, b),
                         pick(gammas, b), seed, pick(tensor_indices, b), step, pick(offsets, b));
+    return r.skipped;
+  }
+
+  // The fused second step (fused_step_ops.inc). Members of a class template are instantiated only when
+  // bound, so a backend without these functions binds the rest.
+  static Positions restore_sgd_(const Tensors& params, const Tensors& saved, const Tensors& grads,
+                                const Tensors& momenta, const Tensors& skips,
+                                const std::vector<std::vector<double>>& hypers) {
+    const Routing r = route(params, {&saved, &grads, &momenta});
+    for (const auto& b : r.buckets)
+      Ops::restore_sgd_(pick(params, b), pick(saved, b), pick(grads, b), pick(momenta, b), pick(skips, b),
+                        pick_each(hypers, b));
+    return r.skipped;
+  }
+
+  static Positions restore_adam_(const Tensors& params, const Tensors& saved, const Tensors& grads,
+                                 const Tensors& exp_avgs, const Tensors& exp_avg_sqs, const Tensors& max_exp_avg_sqs,
+                                 const Tensors& skips, const std::vector<std::vector<double>>& hypers) {
+    const Routing r = route(params, {&saved, &grads, &exp_avgs, &exp_avg_sqs, &max_exp_avg_sqs});
+    for (const auto& b : r.buckets)
+      Ops::restore_adam_(pick(params, b), pick(saved, b), pick(grads, b), pick(exp_avgs, b), pick(exp_avg_sqs, b),
+                         pick(max_exp_avg_sqs, b), pick(skips, b), pick_each(hypers, b));
     return r.skipped;
   }
 };

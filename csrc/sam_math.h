@@ -151,4 +151,85 @@ SAM_HD void rsam_weighted_sums(const T (&sums)[3], T lam, T (&out)[4]) {
   out[3] = lam * lam * sums[1];
 }
 
+// ----------------------------------------------------------------------------------------------------
+// The fused second step (docs/DESIGN.md §2.11): torch.optim.SGD's and Adam/AdamW's update of one element,
+// taken from the saved weight w (the perturbed weight is discarded). Per-tensor hyperparameters arrive in
+// the order of the operation's declaration (sam_kernels/backends/operations.py), as these indices say.
+enum SgdHyper : int { kSgdLr, kSgdWeightDecay, kSgdMomentum, kSgdDampening, kSgdNesterov, kSgdMaximize, kSgdFresh,
+                      kSgdHypers };
+enum AdamHyper : int { kAdamLr, kAdamBeta1, kAdamBeta2, kAdamEps, kAdamWeightDecay, kAdamDecoupled, kAdamAmsgrad,
+                       kAdamMaximize, kAdamStepSize, kAdamBiasCorrection2Sqrt, kAdamHypers };
+
+// One tensor's SGD coefficients in the accumulation dtype; combinations such as 1 - dampening are formed
+// in double first, as the Python reference forms them.
+template <typename acc_t>
+struct SgdCoefs {
+  acc_t lr, weight_decay, momentum, one_minus_dampening, sign;
+  bool weight_decay_on, nesterov, fresh;
+};
+
+template <typename acc_t>
+SAM_HD SgdCoefs<acc_t> sgd_coefs(const double* h) {
+  return {static_cast<acc_t>(h[kSgdLr]), static_cast<acc_t>(h[kSgdWeightDecay]), static_cast<acc_t>(h[kSgdMomentum]),
+          static_cast<acc_t>(1.0 - h[kSgdDampening]), static_cast<acc_t>(h[kSgdMaximize] != 0 ? -1 : 1),
+          h[kSgdWeightDecay] != 0, h[kSgdNesterov] != 0, h[kSgdFresh] != 0};
+}
+
+// d = ±g + lambda w; with momentum (kMomentum) m <- d (fresh) or mu m + (1 - tau) d, rounded to the state's
+// dtype, and d = d + mu m (nesterov) or m; returns w - lr d.
+template <bool kMomentum, typename acc_t, typename state_t>
+SAM_HD acc_t sgd_update(acc_t w, acc_t g, state_t& m, const SgdCoefs<acc_t>& c) {
+  acc_t d = c.sign * g;
+  if (c.weight_decay_on) d = d + c.weight_decay * w;
+  if (kMomentum) {
+    const state_t m_new =
+        static_cast<state_t>(c.fresh ? d : c.momentum * static_cast<acc_t>(m) + c.one_minus_dampening * d);
+    m = m_new;
+    const acc_t mr = static_cast<acc_t>(m_new);
+    d = c.nesterov ? d + c.momentum * mr : mr;
+  }
+  return w - c.lr * d;
+}
+
+template <typename acc_t>
+struct AdamCoefs {
+  acc_t decay, weight_decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt, sign;
+  bool decoupled_decay, coupled_decay;
+};
+
+template <typename acc_t>
+SAM_HD AdamCoefs<acc_t> adam_coefs(const double* h) {
+  const bool decay_on = h[kAdamWeightDecay] != 0, decoupled = h[kAdamDecoupled] != 0;
+  return {static_cast<acc_t>(1.0 - h[kAdamLr] * h[kAdamWeightDecay]), static_cast<acc_t>(h[kAdamWeightDecay]),
+          static_cast<acc_t>(1.0 - h[kAdamBeta1]), static_cast<acc_t>(h[kAdamBeta2]),
+          static_cast<acc_t>(1.0 - h[kAdamBeta2]), static_cast<acc_t>(h[kAdamEps]),
+          static_cast<acc_t>(h[kAdamStepSize]), static_cast<acc_t>(h[kAdamBiasCorrection2Sqrt]),
+          static_cast<acc_t>(h[kAdamMaximize] != 0 ? -1 : 1), decay_on && decoupled, decay_on && !decoupled};
+}
+
+// d = ±g; w <- w (1 - lr lambda) (AdamW) or d += lambda w (Adam); m <- m + (1 - b1)(d - m);
+// v <- b2 v + (1 - b2) d^2; vmax <- max(vmax, v) (kAmsgrad); each moment rounded to the state's dtype before
+// it is read; returns w - step_size m / (sqrt(v or vmax) / sqrt(1 - b2^t) + eps).
+template <bool kAmsgrad, typename acc_t, typename state_t>
+SAM_HD acc_t adam_update(acc_t w, acc_t g, state_t& m, state_t& v, state_t* vmax, const AdamCoefs<acc_t>& c) {
+  acc_t d = c.sign * g;
+  if (c.decoupled_decay) w = w * c.decay;
+  if (c.coupled_decay) d = d + c.weight_decay * w;
+  const acc_t m0 = static_cast<acc_t>(m);
+  const state_t m_new = static_cast<state_t>(m0 + c.one_minus_beta1 * (d - m0));
+  const state_t v_new = static_cast<state_t>(c.beta2 * static_cast<acc_t>(v) + c.one_minus_beta2 * d * d);
+  m = m_new;
+  v = v_new;
+  acc_t second = static_cast<acc_t>(v_new);
+  if (kAmsgrad) {
+    const acc_t old = static_cast<acc_t>(*vmax);
+    const state_t top = (old > second || old != old) ? *vmax : v_new;  // torch.maximum: a NaN wins
+    *vmax = top;
+    second = static_cast<acc_t>(top);
+  }
+  using std::sqrt;
+  const acc_t denom = sqrt(second) / c.bias_correction2_sqrt + c.eps;
+  return w - c.step_size * static_cast<acc_t>(m_new) / denom;
+}
+
 }  // namespace sam

@@ -54,6 +54,8 @@ __all__ = [
     "gsam_coefficients",
     "looksam_orthogonal_coefficients",
     "looksam_reuse_coefficients",
+    "restore_sgd_",
+    "restore_adam_",
     "NoiseStream",
     "resolve",
 ]
@@ -251,6 +253,40 @@ def residual_perturb_(
     """saved ← w; w ← w + s·(g − σ·m); m ← λ·m + (1 − λ)·g (an element whose new m is not finite keeps its m)."""
     call("residual_perturb_", backend, {"params": params, "grads": grads, "moments": moments, "saved": saved,
                                         "scales": scales, "sigmas": sigmas, "lmbdas": lmbdas})
+
+
+# ------------------------------------------------ the fused second step (docs/DESIGN.md §2.11)
+def restore_sgd_(
+    params: Sequence[Tensor], saved: Sequence[Tensor], grads: Sequence[Tensor], momenta: Sequence[Tensor],
+    skips: Sequence[Tensor], *, lrs: FloatOrSeq, weight_decays: FloatOrSeq, momentums: FloatOrSeq,
+    dampenings: FloatOrSeq, nesterovs: FloatOrSeq, maximizes: FloatOrSeq, fresh: FloatOrSeq,
+    backend: str = "auto",
+) -> None:
+    """Restore + torch.optim.SGD's step in one pass: w ← saved − lr·d (d: SGD's direction from g, the saved
+    weights and the momentum buffer m, which is updated; ``fresh``: m ← d, a buffer torch would create now).
+    Flags are 0/1 floats. ``momenta[i]`` is neither read nor written where ``momentums[i]`` is 0 (pass any
+    tensor of the weight's shape). Where the 0-d bool ``skips[i]`` is set: w ← saved and m is kept."""
+    call("restore_sgd_", backend, {
+        "params": params, "saved": saved, "grads": grads, "momenta": momenta, "skips": skips, "lrs": lrs,
+        "weight_decays": weight_decays, "momentums": momentums, "dampenings": dampenings, "nesterovs": nesterovs,
+        "maximizes": maximizes, "fresh": fresh})
+
+
+def restore_adam_(
+    params: Sequence[Tensor], saved: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], skips: Sequence[Tensor], *,
+    lrs: FloatOrSeq, beta1s: FloatOrSeq, beta2s: FloatOrSeq, epss: FloatOrSeq, weight_decays: FloatOrSeq,
+    decoupled: FloatOrSeq, amsgrads: FloatOrSeq, maximizes: FloatOrSeq, step_sizes: FloatOrSeq,
+    bias_correction2_sqrts: FloatOrSeq, backend: str = "auto",
+) -> None:
+    """Restore + torch.optim.Adam's (``decoupled``: AdamW's) step t in one pass, with the host's
+    ``step_sizes`` = lr/(1 − β₁ᵗ) and ``bias_correction2_sqrts`` = √(1 − β₂ᵗ). ``max_exp_avg_sqs[i]`` is
+    neither read nor written without amsgrad. Where ``skips[i]`` is set: w ← saved, the moments kept."""
+    call("restore_adam_", backend, {
+        "params": params, "saved": saved, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs,
+        "max_exp_avg_sqs": max_exp_avg_sqs, "skips": skips, "lrs": lrs, "beta1s": beta1s, "beta2s": beta2s,
+        "epss": epss, "weight_decays": weight_decays, "decoupled": decoupled, "amsgrads": amsgrads,
+        "maximizes": maximizes, "step_sizes": step_sizes, "bias_correction2_sqrts": bias_correction2_sqrts})
 
 
 def _shared(values: Sequence[float], make) -> list[Tensor]:

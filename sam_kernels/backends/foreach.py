@@ -327,3 +327,10 @@ def residual_perturb_(
     new_m = torch._foreach_add(torch._foreach_mul(ms, list(lmbdas)), torch._foreach_mul(gs, [1.0 - l for l in lmbdas]))
     for m, value, old in zip(moments, new_m, ms):
         m.copy_(torch.where(torch.isfinite(value), value, old))
+
+
+# The fused second step's operations run per tensor here, in their reference form: foreach only
+# meets them for tensors a fused backend leaves to it (non-contiguous ones, a gradient of another
+# dtype); when no fused backend runs, the optimizers restore and call the base optimizer's own
+# (foreach) step instead (docs/DESIGN.md §2.11).
+from .reference import restore_adam_, restore_sgd_  # noqa: E402,F401

@@ -52,6 +52,12 @@ class NativeBackend:
         self.NAME = name
         self._ops = ops
         self._device_type = device_type
+        # The fused second step, where this build of the extension has it (else the operation falls back).
+        self.FUSES_BASE_STEP = hasattr(ops, "restore_sgd_") and hasattr(ops, "restore_adam_")
+        if not hasattr(ops, "restore_sgd_"):
+            self.restore_sgd_ = None
+        if not hasattr(ops, "restore_adam_"):
+            self.restore_adam_ = None
 
     def available(self) -> tuple[bool, str]:
         if self._device_type == "cuda" and not torch.cuda.is_available():
@@ -124,6 +130,29 @@ class NativeBackend:
             _foreach.mix_perturb_(
                 _pick(params, skipped), _pick(grads, skipped), _pick(saved, skipped), _pick(noise_coefs, skipped),
                 _pick(grad_coefs, skipped), gammas=_pick(gammas, skipped), stream=stream.pick(skipped))
+
+    # The per-tensor floats of the fused second step go to the extension as one list per hyperparameter,
+    # in the declared order (csrc/sam_math.h: SgdHyper, AdamHyper).
+    def restore_sgd_(self, params, saved, grads, momenta, skips, **hypers):
+        skipped = self._ops.restore_sgd_(params, saved, grads, momenta, skips, _hyper_lists("restore_sgd_", hypers))
+        if skipped:
+            _leftover(params, skipped)
+            _foreach.restore_sgd_(*(_pick(lst, skipped) for lst in (params, saved, grads, momenta, skips)),
+                                  **{k: _pick(v, skipped) for k, v in hypers.items()})
+
+    def restore_adam_(self, params, saved, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, skips, **hypers):
+        lists = (params, saved, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, skips)
+        skipped = self._ops.restore_adam_(*lists, _hyper_lists("restore_adam_", hypers))
+        if skipped:
+            _leftover(params, skipped)
+            _foreach.restore_adam_(*(_pick(lst, skipped) for lst in lists),
+                                   **{k: _pick(v, skipped) for k, v in hypers.items()})
+
+
+def _hyper_lists(op: str, hypers: dict) -> list[list[float]]:
+    from .operations import OPERATIONS
+
+    return [hypers[name] for name in OPERATIONS[op].per_tensor_floats]
 
 
 cpp = NativeBackend("cpp", _C.host, "cpu")

@@ -69,6 +69,21 @@ OPERATIONS: dict[str, Operation] = {
         Operation("residual_perturb_", ("params", "grads", "moments", "saved"), ("sigmas", "lmbdas"),
                   device_scalars=("scales",), writes=("params", "saved", "moments"),
                   doc="saved ← w; w ← w + s·(g − σ·m); m ← λ·m + (1 − λ)·g (FriendlySAM)"),
+        # The fused second step (docs/DESIGN.md §2.11): restore + the base optimizer's update in one pass.
+        # Flags (nesterov, maximize, ...) are per-tensor floats 0/1: they are per param group in torch.
+        Operation("restore_sgd_", ("params", "saved", "grads", "momenta"),
+                  ("lrs", "weight_decays", "momentums", "dampenings", "nesterovs", "maximizes", "fresh"),
+                  device_scalars=("skips",), writes=("params", "momenta"),
+                  doc="w ← saved − lr·d, torch.optim.SGD's step taken from the saved weights (d its direction, "
+                      "momentum buffer m ← d where fresh, else μ·m + (1 − dampening)·d; momenta[i] untouched "
+                      "where momentum is 0); where the 0-d bool skip is set: w ← saved, m kept"),
+        Operation("restore_adam_", ("params", "saved", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+                  ("lrs", "beta1s", "beta2s", "epss", "weight_decays", "decoupled", "amsgrads", "maximizes",
+                   "step_sizes", "bias_correction2_sqrts"),
+                  device_scalars=("skips",), writes=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+                  doc="w ← saved − step_size·m/(√v/√(1−β₂ᵗ) + eps), torch.optim.Adam/AdamW's step taken from the "
+                      "saved weights (max_exp_avg_sqs[i] untouched without amsgrad); where the 0-d bool skip "
+                      "is set: w ← saved, the moments kept"),
     ]
 }
 

@@ -279,3 +279,73 @@ def residual_perturb_(
         w.copy_(_acc(w_saved) + _zero_non_finite(eps))
         new_m = lmbda * m_acc + (1.0 - lmbda) * g_acc
         m.copy_(torch.where(torch.isfinite(new_m), new_m, m_acc))
+
+
+# ------------------------------------------------ the fused second step (docs/DESIGN.md §2.11)
+def restore_sgd_(
+    params: Sequence[Tensor], saved: Sequence[Tensor], grads: Sequence[Tensor], momenta: Sequence[Tensor],
+    skips: Sequence[Tensor], *, lrs: Sequence[float], weight_decays: Sequence[float], momentums: Sequence[float],
+    dampenings: Sequence[float], nesterovs: Sequence[float], maximizes: Sequence[float], fresh: Sequence[float],
+) -> None:
+    """torch.optim.SGD's step, taken from the saved weights w (the perturbed ones are discarded):
+
+        d = ±g + λ·w                          (− when maximize; λ the weight decay)
+        m = d (fresh buffer)  or  μ·m + (1 − τ)·d      (only when μ ≠ 0; τ the dampening)
+        d = d + μ·m (nesterov)  or  m                   (only when μ ≠ 0)
+        w ← w − lr·d
+
+    in the accumulation dtype, each written tensor rounded once (m is rounded before the update reads it,
+    as torch's stored buffer is). Where ``skip`` is set: w ← saved, m untouched.
+    """
+    for k, (w, w_saved, g, m, skip) in enumerate(zip(params, saved, grads, momenta, skips)):
+        acc = accumulation_dtype(w.dtype)
+        w0 = _acc(w_saved)
+        d = -g.to(acc) if maximizes[k] else g.to(acc)
+        if weight_decays[k] != 0:
+            d = d + weight_decays[k] * w0
+        mu = momentums[k]
+        if mu != 0:
+            m_new = d if fresh[k] else mu * _acc(m) + (1 - dampenings[k]) * d
+            m_new = m_new.to(m.dtype)
+            m.copy_(torch.where(skip, m, m_new))
+            d = d + mu * _acc(m_new) if nesterovs[k] else _acc(m_new)
+        w.copy_(torch.where(skip, w_saved, (w0 - lrs[k] * d).to(w.dtype)))
+
+
+def restore_adam_(
+    params: Sequence[Tensor], saved: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], skips: Sequence[Tensor], *,
+    lrs: Sequence[float], beta1s: Sequence[float], beta2s: Sequence[float], epss: Sequence[float],
+    weight_decays: Sequence[float], decoupled: Sequence[float], amsgrads: Sequence[float],
+    maximizes: Sequence[float], step_sizes: Sequence[float], bias_correction2_sqrts: Sequence[float],
+) -> None:
+    """torch.optim.Adam's (decoupled: AdamW's) step t, taken from the saved weights w:
+
+        d = ±g                     (− when maximize)
+        w = w·(1 − lr·λ) (decoupled)  or  d = d + λ·w (Adam's L2 decay)
+        m ← m + (1 − β₁)·(d − m);  v ← β₂·v + (1 − β₂)·d²;  v̂ ← max(v̂, v) (amsgrad)
+        w ← w − step_size·m / (√v (or √v̂) / √(1 − β₂ᵗ) + eps),   step_size = lr / (1 − β₁ᵗ)
+
+    in the accumulation dtype, each written tensor rounded once (the moments before the update reads
+    them). Where ``skip`` is set: w ← saved, the moments untouched.
+    """
+    for k, (w, w_saved, g, m, v, v_max, skip) in enumerate(
+            zip(params, saved, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, skips)):
+        acc = accumulation_dtype(w.dtype)
+        w0 = _acc(w_saved)
+        d = -g.to(acc) if maximizes[k] else g.to(acc)
+        if weight_decays[k] != 0:
+            if decoupled[k]:
+                w0 = w0 * (1 - lrs[k] * weight_decays[k])
+            else:
+                d = d + weight_decays[k] * w0
+        m_new = (_acc(m) + (1 - beta1s[k]) * (d - _acc(m))).to(m.dtype)
+        v_new = (beta2s[k] * _acc(v) + (1 - beta2s[k]) * d * d).to(v.dtype)
+        second = v_new
+        if amsgrads[k]:
+            second = torch.maximum(v_max, v_new)
+            v_max.copy_(torch.where(skip, v_max, second))
+        denom = _acc(second).sqrt() / bias_correction2_sqrts[k] + epss[k]
+        m.copy_(torch.where(skip, m, m_new))
+        v.copy_(torch.where(skip, v, v_new))
+        w.copy_(torch.where(skip, w_saved, (w0 - step_sizes[k] * _acc(m_new) / denom).to(w.dtype)))

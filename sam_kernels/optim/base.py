@@ -29,10 +29,11 @@ from torch.optim import Optimizer
 
 from .. import functional as F
 from ..schedules import make_schedule
-from .amp import scaler_step, unscale_for_grad_scaler
+from .amp import (called_by_grad_scaler_skip_flag, mark_stepped, scaler_skip_flag, scaler_step,
+                  unscale_for_grad_scaler)
 from ..backends import resolve_backend
 from ..batchnorm import frozen_running_stats
-from . import hooks
+from . import fused_base, hooks
 from .plan import StepPlan, structure_key
 from .sharding import all_reduce_sum_, is_sharded, local, shard_of
 from .._validation import (
@@ -111,6 +112,9 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # GradScaler.step(opt) calls step() even on overflow, with grad_scale/found_inf set (amp.py).
     _step_supports_amp_scaling = True
+    # Whether second_step() may restore and run the base step in one fused pass (fused_base.py). A subclass
+    # whose _before_base_step reads the weights, or whose base step is not the base optimizer's, sets False.
+    _fusable_base_step = True
 
     def __init__(
         self,
@@ -120,9 +124,14 @@ class SharpnessAwareOptimizer(Optimizer):
         *,
         backend: str = "auto",
         schedule: Any = None,
+        fuse_base_step: bool = True,
         **base_kwargs: Any,
     ) -> None:
         self._backend = check_backend(backend)
+        if not isinstance(fuse_base_step, bool):
+            raise TypeError(f"fuse_base_step must be a bool, got {fuse_base_step!r}")
+        self._fuse_base_step = fuse_base_step
+        self._no_skips: dict[torch.device, Tensor] = {}
         self._schedule = make_schedule(schedule)
         self._schedule_step = 0  # t: steps completed, SAM or plain
         self._decision: bool | None = None  # whether the step under way is a SAM step (None: not decided yet)
@@ -479,14 +488,15 @@ class SharpnessAwareOptimizer(Optimizer):
             self._expect("perturbed", "second_step()", "call first_step() after the first backward pass")
         sam_step = self._phase != "idle"
         try:
-            self._put_back()
-            if sam_step:
-                self._before_base_step()
-            with hooks.global_hooks_silenced():  # one SAM step fires the global step hooks once (hooks.py)
-                if scaler is not None:
-                    scaler_step(self, scaler)
-                elif unscale_for_grad_scaler(self):  # GradScaler.step(opt) called step(): its unscale and skip
-                    self.base_optimizer.step()
+            if not (sam_step and self._fused_second_step(scaler)):
+                self._put_back()
+                if sam_step:
+                    self._before_base_step()
+                with hooks.global_hooks_silenced():  # one SAM step fires the global step hooks once (hooks.py)
+                    if scaler is not None:
+                        scaler_step(self, scaler)
+                    elif unscale_for_grad_scaler(self):  # GradScaler.step(opt) called step(): its unscale and skip
+                        self.base_optimizer.step()
         except BaseException:
             self._step_hooks_open = False  # the step failed: no post hooks, the next step fires its pre hooks
             raise
@@ -499,9 +509,63 @@ class SharpnessAwareOptimizer(Optimizer):
             self.zero_grad()
         self._close_step_hooks()
 
+    @property
+    def base_step_fused(self) -> bool:
+        """Whether second_step() restores and runs the base step in one fused pass, as configured now
+        (``fuse_base_step=True``, the base optimizer exactly torch.optim.SGD, Adam or AdamW with options the
+        pass implements, a backend with the fused operations; docs/DESIGN.md §2.11)."""
+        return self._why_not_fused() is None
+
+    def _why_not_fused(self) -> str | None:
+        plan = self._cached_plan
+        if plan is not None and plan.sharded:
+            return "sharded (DTensor) params"
+        return fused_base.why_not_fused(self, StepPlan.device_of(self.param_groups))
+
+    def _no_skip(self, device: torch.device) -> Tensor:
+        """A 0-d False on ``device``: the fused step's skip flag when nothing can overflow."""
+        flag = self._no_skips.get(device)
+        if flag is None:
+            flag = self._no_skips[device] = torch.zeros((), dtype=torch.bool, device=device)
+        return flag
+
+    def _fused_second_step(self, scaler: "torch.amp.GradScaler | None") -> bool:
+        """Restore and step the base optimizer in one pass, if this configuration fuses (else False, and
+        nothing was touched)."""
+        plan = self._step_plan
+        if plan is None or plan.sharded or self._why_not_fused() is not None:
+            return False
+        if self._path == "native":
+            selection = ParamSelection.of(plan, self.param_groups, plan.native.active())
+        else:
+            selection = self._perturbed
+        saved = self._saved_now(selection)
+        for tensor, buffer in zip(selection.tensors, saved):  # a weight changed mid-step: the general path
+            if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (tensor.shape, tensor.dtype,
+                                                                                   tensor.device):
+                return False
+        self._before_base_step()
+        device = selection.tensors[0].device if selection.tensors else None
+        if scaler is not None:
+            skip = scaler_skip_flag(self, scaler, device) if device is not None else None
+        else:
+            skip = called_by_grad_scaler_skip_flag(self)
+        fused_base.fused_second_step(self, selection, saved, skip)
+        if self._path == "native":
+            plan.native.clear_active()
+        self._perturbed = ParamSelection()
+        self._phase = "idle"
+        self._path = "generic"
+        if scaler is not None:
+            mark_stepped(self, scaler)
+        self.base_optimizer._opt_called = True  # an LR scheduler attached to the base optimizer looks for it
+        return True
+
     def _before_base_step(self) -> None:
-        """Hook: the weights are restored and ``.grad`` holds g_sam; the base step comes next
-        (a variant that changes the update direction, e.g. GSAM's decomposition, does it here)."""
+        """Hook: ``.grad`` holds g_sam; the restore and the base step come next (a variant that changes the
+        update direction, e.g. GSAM's decomposition, does it here). Unfused, the weights are already restored;
+        fused, the restore is part of the pass that follows: a hook that reads the weights sets
+        ``_fusable_base_step = False``."""
 
     def _after_second_step(self) -> None:
         pass

@@ -1,0 +1,135 @@
+// The fused second step on the host (backend="cpp"): w <- saved, then torch.optim.SGD's or Adam(W)'s
+// update, in one pass per tensor (docs/DESIGN.md §2.11). The per-element math is sam_math.h's; this file
+// walks the tensors, parallelised with at::parallel_for.
+#include "host_ops.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cstring>
+#include <vector>
+
+#include "host_common.h"
+#include "sam_math.h"
+
+namespace sam_host {
+namespace {
+
+void check_dense(const at::Tensor& t, const at::Tensor& w, const char* what) {
+  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu() && t.scalar_type() == w.scalar_type() &&
+                  t.numel() == w.numel(),
+              "sam_kernels cpp backend: ", what, " must be a contiguous CPU tensor of the weight's dtype and size");
+}
+
+// The per-tensor hyperparameters of tensor j, in declaration order.
+std::vector<double> hypers_of(const std::vector<std::vector<double>>& hypers, size_t j, int count) {
+  TORCH_CHECK(static_cast<int>(hypers.size()) == count, "sam_kernels cpp backend: expected ", count,
+              " hyperparameter lists, got ", hypers.size());
+  std::vector<double> h(count);
+  for (int k = 0; k < count; ++k) h[k] = hypers[k][j];
+  return h;
+}
+
+bool skipped(const at::Tensor& skip) { return skip.item<bool>(); }  // a CPU scalar: no device to wait for
+
+// A skipped step still ends the SAM step: the weights go back to the saved ones.
+void restore_only(const at::Tensor& w, const at::Tensor& s) {
+  if (w.data_ptr() != s.data_ptr()) w.copy_(s);
+}
+
+template <bool kMomentum, typename scalar_t>
+SAM_HOST_CLONES void sgd_range(scalar_t* w, const scalar_t* s, const scalar_t* g, scalar_t* m, int64_t begin,
+                               int64_t end, const sam::SgdCoefs<at::opmath_type<scalar_t>>& c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  scalar_t unused{};
+  for (int64_t i = begin; i < end; ++i) {
+    scalar_t& mi = kMomentum ? m[i] : unused;
+    w[i] = static_cast<scalar_t>(
+        sam::sgd_update<kMomentum, acc_t, scalar_t>(static_cast<acc_t>(s[i]), static_cast<acc_t>(g[i]), mi, c));
+  }
+}
+
+template <bool kAmsgrad, typename scalar_t>
+SAM_HOST_CLONES void adam_range(scalar_t* w, const scalar_t* s, const scalar_t* g, scalar_t* m, scalar_t* v,
+                                scalar_t* vmax, int64_t begin, int64_t end,
+                                const sam::AdamCoefs<at::opmath_type<scalar_t>>& c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = begin; i < end; ++i)
+    w[i] = static_cast<scalar_t>(sam::adam_update<kAmsgrad, acc_t, scalar_t>(
+        static_cast<acc_t>(s[i]), static_cast<acc_t>(g[i]), m[i], v[i], kAmsgrad ? vmax + i : nullptr, c));
+}
+
+}  // namespace
+
+void restore_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& saved,
+                  const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& momenta,
+                  const std::vector<at::Tensor>& skips, const std::vector<std::vector<double>>& hypers) {
+  for (size_t j = 0; j < params.size(); ++j) {
+    const at::Tensor &w = params[j], &s = saved[j], &g = grads[j], &m = momenta[j];
+    const std::vector<double> h = hypers_of(hypers, j, sam::kSgdHypers);
+    const bool momentum = h[sam::kSgdMomentum] != 0;
+    check_dense(w, w, "weight");
+    check_dense(s, w, "saved copy");
+    check_dense(g, w, "gradient");
+    if (momentum) check_dense(m, w, "momentum buffer");
+    if (skipped(skips[j])) {
+      restore_only(w, s);
+      continue;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "restore_sgd_", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const sam::SgdCoefs<acc_t> c = sam::sgd_coefs<acc_t>(h.data());
+      scalar_t* wd = w.data_ptr<scalar_t>();
+      const scalar_t* sd = s.data_ptr<scalar_t>();
+      const scalar_t* gd = g.data_ptr<scalar_t>();
+      scalar_t* md = momentum ? m.data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        if (momentum)
+          sgd_range<true>(wd, sd, gd, md, begin, end, c);
+        else
+          sgd_range<false>(wd, sd, gd, md, begin, end, c);
+      });
+    });
+  }
+}
+
+void restore_adam_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& saved,
+                   const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& exp_avgs,
+                   const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& max_exp_avg_sqs,
+                   const std::vector<at::Tensor>& skips, const std::vector<std::vector<double>>& hypers) {
+  for (size_t j = 0; j < params.size(); ++j) {
+    const at::Tensor &w = params[j], &s = saved[j], &g = grads[j];
+    const std::vector<double> h = hypers_of(hypers, j, sam::kAdamHypers);
+    const bool amsgrad = h[sam::kAdamAmsgrad] != 0;
+    check_dense(w, w, "weight");
+    check_dense(s, w, "saved copy");
+    check_dense(g, w, "gradient");
+    check_dense(exp_avgs[j], w, "exp_avg");
+    check_dense(exp_avg_sqs[j], w, "exp_avg_sq");
+    if (amsgrad) check_dense(max_exp_avg_sqs[j], w, "max_exp_avg_sq");
+    if (skipped(skips[j])) {
+      restore_only(w, s);
+      continue;
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "restore_adam_", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const sam::AdamCoefs<acc_t> c = sam::adam_coefs<acc_t>(h.data());
+      scalar_t* wd = w.data_ptr<scalar_t>();
+      const scalar_t* sd = s.data_ptr<scalar_t>();
+      const scalar_t* gd = g.data_ptr<scalar_t>();
+      scalar_t* md = exp_avgs[j].data_ptr<scalar_t>();
+      scalar_t* vd = exp_avg_sqs[j].data_ptr<scalar_t>();
+      scalar_t* xd = amsgrad ? max_exp_avg_sqs[j].data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        if (amsgrad)
+          adam_range<true>(wd, sd, gd, md, vd, xd, begin, end, c);
+        else
+          adam_range<false>(wd, sd, gd, md, vd, xd, begin, end, c);
+      });
+    });
+  }
+}
+
+}  // namespace sam_host
