@@ -533,7 +533,8 @@ class SharpnessAwareOptimizer(Optimizer):
         """Restore and step the base optimizer in one pass, if this configuration fuses (else False, and
         nothing was touched)."""
         plan = self._step_plan
-        if plan is None or plan.sharded or self._why_not_fused() is not None:
+        device = StepPlan.device_of(self.param_groups)
+        if plan is None or plan.sharded or fused_base.why_not_fused(self, device) is not None:
             return False
         if self._path == "native":
             selection = ParamSelection.of(plan, self.param_groups, plan.native.active())
@@ -545,9 +546,8 @@ class SharpnessAwareOptimizer(Optimizer):
                                                                                    tensor.device):
                 return False
         self._before_base_step()
-        device = selection.tensors[0].device if selection.tensors else None
         if scaler is not None:
-            skip = scaler_skip_flag(self, scaler, device) if device is not None else None
+            skip = scaler_skip_flag(self, scaler, device)
         else:
             skip = called_by_grad_scaler_skip_flag(self)
         fused_base.fused_second_step(self, selection, saved, skip)

@@ -118,23 +118,24 @@ def fused_second_step(opt: "SharpnessAwareOptimizer", selection: "ParamSelection
         return
     skips = [skip if skip is not None else opt._no_skip(tensors[0].device)] * len(tensors)
     if fused_kind(opt) == "sgd":
-        _sgd(opt, base, params, groups, tensors, saved_now, grads, skips)
+        _sgd(opt, base, params, groups, tensors, saved_now, grads, skips, skip)
     else:
         _adam(opt, base, params, groups, tensors, saved_now, grads, skips, skip)
 
 
-def _sgd(opt, base, params, groups, tensors, saved, grads, skips) -> None:
-    momenta, fresh = [], []
+def _sgd(opt, base, params, groups, tensors, saved, grads, skips, skip) -> None:
+    momenta, fresh, created = [], [], []
     for param, group, grad in zip(params, groups, grads):
         if group["momentum"] == 0:
             momenta.append(grad)  # not read: a placeholder of the right shape
             fresh.append(0.0)
             continue
-        state = base.state[param]
-        buffer = state.get("momentum_buffer")
+        state = base.state.get(param)  # (base.state is a defaultdict: no entry is made for a lookup)
+        buffer = None if state is None else state.get("momentum_buffer")
         if buffer is None or buffer.shape != grad.shape:
-            buffer = state["momentum_buffer"] = torch.empty_like(grad, memory_format=torch.preserve_format)
+            buffer = base.state[param]["momentum_buffer"] = torch.empty_like(grad, memory_format=torch.preserve_format)
             fresh.append(1.0)
+            created.append(param)
         else:
             fresh.append(0.0)
         momenta.append(buffer)
@@ -145,12 +146,22 @@ def _sgd(opt, base, params, groups, tensors, saved, grads, skips) -> None:
         nesterovs=[float(g["nesterov"]) for g in groups], maximizes=[float(g["maximize"]) for g in groups],
         fresh=fresh, backend=opt._backend,
     )
+    # torch creates a momentum buffer only in a step that runs: after a skipped first step (an overflow
+    # under GradScaler) there is none. Only then is the flag read (the first steps, once per buffer).
+    if created and skip is not None and bool(skip):
+        for param in created:
+            del base.state[param]["momentum_buffer"]
+            if not base.state[param]:
+                del base.state[param]
 
 
 def _adam(opt, base, params, groups, tensors, saved, grads, skips, skip) -> None:
     # The step count lives on the host, as torch keeps it (capturable=False): a step skipped for an
     # overflow does not count, so its flag is read here (GradScaler.step reads it for torch's Adam too).
     skipped = skip is not None and bool(skip)
+    if skipped:  # torch's step would not run: no state is created, no count moves; the weights go back
+        F.restore_(tensors, saved, backend=opt._backend)
+        return
     exp_avgs, exp_avg_sqs, maxes, step_sizes, bc2_sqrts = [], [], [], [], []
     for param, group in zip(params, groups):
         state = base.state[param]
@@ -160,14 +171,12 @@ def _adam(opt, base, params, groups, tensors, saved, grads, skips, skip) -> None
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        if not skipped:
-            state["step"] += 1
+        state["step"] += 1
         step = float(state["step"])  # a CPU tensor: no device to wait for
         beta1, beta2 = group["betas"]
         exp_avgs.append(state["exp_avg"])
         exp_avg_sqs.append(state["exp_avg_sq"])
         maxes.append(state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"])
-        step = max(step, 1.0)  # a skipped first step: the moments are not touched, any finite value does
         step_sizes.append(group["lr"] / (1 - beta1**step))
         bc2_sqrts.append((1 - beta2**step) ** 0.5)
     F.restore_adam_(
