@@ -11,7 +11,8 @@ from pathlib import Path
 
 HOST_OVERHEAD = "<!-- host-overhead -->"
 CHEAP_STEPS = "<!-- cheap-steps -->"
-OWNED = (HOST_OVERHEAD, CHEAP_STEPS)
+FUSED_BASE_STEP = "<!-- fused-base-step -->"
+OWNED = (HOST_OVERHEAD, CHEAP_STEPS, FUSED_BASE_STEP)
 
 
 def _pattern(marker: str) -> str:

@@ -41,8 +41,9 @@ void restore_only(const at::Tensor& w, const at::Tensor& s) {
 
 template <bool kMomentum, typename scalar_t>
 SAM_HOST_CLONES void sgd_range(scalar_t* w, const scalar_t* s, const scalar_t* g, scalar_t* m, int64_t begin,
-                               int64_t end, const sam::SgdCoefs<at::opmath_type<scalar_t>>& c) {
+                               int64_t end, const sam::SgdCoefs<at::opmath_type<scalar_t>>& coefs) {
   using acc_t = at::opmath_type<scalar_t>;
+  const sam::SgdCoefs<acc_t> c = coefs;  // a local copy: the stores below cannot alias it, so it stays in registers
   scalar_t unused{};
   for (int64_t i = begin; i < end; ++i) {
     scalar_t& mi = kMomentum ? m[i] : unused;
@@ -51,14 +52,34 @@ SAM_HOST_CLONES void sgd_range(scalar_t* w, const scalar_t* s, const scalar_t* g
   }
 }
 
-template <bool kAmsgrad, typename scalar_t>
+template <int kDecay, bool kAmsgrad, typename scalar_t>
 SAM_HOST_CLONES void adam_range(scalar_t* w, const scalar_t* s, const scalar_t* g, scalar_t* m, scalar_t* v,
                                 scalar_t* vmax, int64_t begin, int64_t end,
-                                const sam::AdamCoefs<at::opmath_type<scalar_t>>& c) {
+                                const sam::AdamCoefs<at::opmath_type<scalar_t>>& coefs) {
   using acc_t = at::opmath_type<scalar_t>;
+  const sam::AdamCoefs<acc_t> c = coefs;  // a local copy: the stores below cannot alias it, so it stays in registers
   for (int64_t i = begin; i < end; ++i)
-    w[i] = static_cast<scalar_t>(sam::adam_update<kAmsgrad, acc_t, scalar_t>(
+    w[i] = static_cast<scalar_t>(sam::adam_update<kDecay, kAmsgrad, acc_t, scalar_t>(
         static_cast<acc_t>(s[i]), static_cast<acc_t>(g[i]), m[i], v[i], kAmsgrad ? vmax + i : nullptr, c));
+}
+
+// adam_range with its options as template arguments.
+template <typename scalar_t>
+void adam_range_for(int decay, bool amsgrad, scalar_t* w, const scalar_t* s, const scalar_t* g, scalar_t* m,
+                    scalar_t* v, scalar_t* vmax, int64_t begin, int64_t end,
+                    const sam::AdamCoefs<at::opmath_type<scalar_t>>& c) {
+  using sam::kCoupledDecay;
+  using sam::kDecoupledDecay;
+  using sam::kNoDecay;
+  if (amsgrad) {
+    if (decay == kNoDecay) adam_range<kNoDecay, true>(w, s, g, m, v, vmax, begin, end, c);
+    if (decay == kCoupledDecay) adam_range<kCoupledDecay, true>(w, s, g, m, v, vmax, begin, end, c);
+    if (decay == kDecoupledDecay) adam_range<kDecoupledDecay, true>(w, s, g, m, v, vmax, begin, end, c);
+  } else {
+    if (decay == kNoDecay) adam_range<kNoDecay, false>(w, s, g, m, v, vmax, begin, end, c);
+    if (decay == kCoupledDecay) adam_range<kCoupledDecay, false>(w, s, g, m, v, vmax, begin, end, c);
+    if (decay == kDecoupledDecay) adam_range<kDecoupledDecay, false>(w, s, g, m, v, vmax, begin, end, c);
+  }
 }
 
 }  // namespace
@@ -122,11 +143,9 @@ void restore_adam_(const std::vector<at::Tensor>& params, const std::vector<at::
       scalar_t* md = exp_avgs[j].data_ptr<scalar_t>();
       scalar_t* vd = exp_avg_sqs[j].data_ptr<scalar_t>();
       scalar_t* xd = amsgrad ? max_exp_avg_sqs[j].data_ptr<scalar_t>() : nullptr;
+      const int decay = sam::adam_decay_kind(h.data());
       at::parallel_for(0, w.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        if (amsgrad)
-          adam_range<true>(wd, sd, gd, md, vd, xd, begin, end, c);
-        else
-          adam_range<false>(wd, sd, gd, md, vd, xd, begin, end, c);
+        adam_range_for(decay, amsgrad, wd, sd, gd, md, vd, xd, begin, end, c);
       });
     });
   }

@@ -194,27 +194,34 @@ SAM_HD acc_t sgd_update(acc_t w, acc_t g, state_t& m, const SgdCoefs<acc_t>& c) 
 template <typename acc_t>
 struct AdamCoefs {
   acc_t decay, weight_decay, one_minus_beta1, beta2, one_minus_beta2, eps, step_size, bias_correction2_sqrt, sign;
-  bool decoupled_decay, coupled_decay;
 };
+
+// How Adam applies its weight decay: not at all, as L2 on the gradient (Adam), or decoupled (AdamW).
+enum AdamDecay : int { kNoDecay = 0, kCoupledDecay = 1, kDecoupledDecay = 2 };
+
+SAM_HD int adam_decay_kind(const double* h) {
+  if (h[kAdamWeightDecay] == 0) return kNoDecay;
+  return h[kAdamDecoupled] != 0 ? kDecoupledDecay : kCoupledDecay;
+}
 
 template <typename acc_t>
 SAM_HD AdamCoefs<acc_t> adam_coefs(const double* h) {
-  const bool decay_on = h[kAdamWeightDecay] != 0, decoupled = h[kAdamDecoupled] != 0;
   return {static_cast<acc_t>(1.0 - h[kAdamLr] * h[kAdamWeightDecay]), static_cast<acc_t>(h[kAdamWeightDecay]),
           static_cast<acc_t>(1.0 - h[kAdamBeta1]), static_cast<acc_t>(h[kAdamBeta2]),
           static_cast<acc_t>(1.0 - h[kAdamBeta2]), static_cast<acc_t>(h[kAdamEps]),
           static_cast<acc_t>(h[kAdamStepSize]), static_cast<acc_t>(h[kAdamBiasCorrection2Sqrt]),
-          static_cast<acc_t>(h[kAdamMaximize] != 0 ? -1 : 1), decay_on && decoupled, decay_on && !decoupled};
+          static_cast<acc_t>(h[kAdamMaximize] != 0 ? -1 : 1)};
 }
 
 // d = ±g; w <- w (1 - lr lambda) (AdamW) or d += lambda w (Adam); m <- m + (1 - b1)(d - m);
 // v <- b2 v + (1 - b2) d^2; vmax <- max(vmax, v) (kAmsgrad); each moment rounded to the state's dtype before
-// it is read; returns w - step_size m / (sqrt(v or vmax) / sqrt(1 - b2^t) + eps).
-template <bool kAmsgrad, typename acc_t, typename state_t>
+// it is read; returns w - step_size m / (sqrt(v or vmax) / sqrt(1 - b2^t) + eps). The options are template
+// parameters so that the host loop has no branch and vectorises.
+template <int kDecay, bool kAmsgrad, typename acc_t, typename state_t>
 SAM_HD acc_t adam_update(acc_t w, acc_t g, state_t& m, state_t& v, state_t* vmax, const AdamCoefs<acc_t>& c) {
   acc_t d = c.sign * g;
-  if (c.decoupled_decay) w = w * c.decay;
-  if (c.coupled_decay) d = d + c.weight_decay * w;
+  if (kDecay == kDecoupledDecay) w = w * c.decay;
+  if (kDecay == kCoupledDecay) d = d + c.weight_decay * w;
   const acc_t m0 = static_cast<acc_t>(m);
   const state_t m_new = static_cast<state_t>(m0 + c.one_minus_beta1 * (d - m0));
   const state_t v_new = static_cast<state_t>(c.beta2 * static_cast<acc_t>(v) + c.one_minus_beta2 * d * d);
@@ -223,9 +230,8 @@ SAM_HD acc_t adam_update(acc_t w, acc_t g, state_t& m, state_t& v, state_t* vmax
   acc_t second = static_cast<acc_t>(v_new);
   if (kAmsgrad) {
     const acc_t old = static_cast<acc_t>(*vmax);
-    const state_t top = (old > second || old != old) ? *vmax : v_new;  // torch.maximum: a NaN wins
-    *vmax = top;
-    second = static_cast<acc_t>(top);
+    second = old != old ? old : (old > second ? old : second);  // torch.maximum: a NaN on either side wins
+    *vmax = static_cast<state_t>(second);
   }
   using std::sqrt;
   const acc_t denom = sqrt(second) / c.bias_correction2_sqrt + c.eps;
