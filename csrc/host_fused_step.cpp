@@ -32,7 +32,12 @@ std::vector<double> hypers_of(const std::vector<std::vector<double>>& hypers, si
   return h;
 }
 
-bool skipped(const at::Tensor& skip) { return skip.item<bool>(); }  // a CPU scalar: no device to wait for
+// A CPU 0-d bool, read through its pointer (no dispatch: this runs once per tensor).
+bool skipped(const at::Tensor& skip) {
+  TORCH_CHECK(skip.device().is_cpu() && skip.numel() == 1 && skip.scalar_type() == at::kBool,
+              "sam_kernels cpp backend: a skip flag must be a one-element CPU bool tensor");
+  return *skip.const_data_ptr<bool>();
+}
 
 // A skipped step still ends the SAM step: the weights go back to the saved ones.
 void restore_only(const at::Tensor& w, const at::Tensor& s) {

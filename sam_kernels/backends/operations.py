@@ -18,6 +18,7 @@ its readable form.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +91,7 @@ OPERATIONS: dict[str, Operation] = {
 
 def device_of(*lists: Sequence[Tensor], what: str = "") -> torch.device:
     """The one device of every tensor of the lists (CPU when there is none); ValueError when several."""
-    devices = {t.device for tensors in lists for t in tensors}
+    devices = {device for tensors in lists for device in map(_device, tensors)}
     if len(devices) > 1:
         where = f"{what}: " if what else ""
         raise ValueError(f"{where}all tensors must be on one device, got {sorted(str(d) for d in devices)}")
@@ -115,7 +116,7 @@ def check_arguments(op: Operation, arguments: dict[str, Any]) -> tuple[int, dict
         if isinstance(value, (int, float)):
             normalised[name] = [float(value)] * count
         else:
-            normalised[name] = [float(v) for v in value]
+            normalised[name] = list(map(float, value))
             if len(normalised[name]) != count:
                 raise ValueError(f"{op.name}: {name} has {len(normalised[name])} values for {count} tensors")
     for name in op.device_scalars:
@@ -148,9 +149,16 @@ def _check_stream(op: Operation, stream: Any, count: int) -> None:
         raise ValueError(f"{op.name}: stream.element_offsets must be >= 0")
 
 
+_shape = operator.attrgetter("shape")
+_device = operator.attrgetter("device")
+
+
 def _check_elementwise(op: Operation, lists: dict[str, Any]) -> None:
     """Every tensor at position k of the lists has the shape and device of the first list's (the weights')."""
     first, *others = op.tensor_lists
+    shapes, devices = list(map(_shape, lists[first])), list(map(_device, lists[first]))
+    others = [name for name in others  # the common case in C-level maps; the loop below names the culprit
+              if list(map(_shape, lists[name])) != shapes or list(map(_device, lists[name])) != devices]
     for name in others:
         for k, (weight, other) in enumerate(zip(lists[first], lists[name])):
             if other.shape != weight.shape or other.device != weight.device:

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+import operator
+
 from .. import functional as F
 from ..schedules import make_schedule
 from .amp import (called_by_grad_scaler_skip_flag, mark_stepped, scaler_skip_flag, scaler_step,
@@ -48,6 +50,9 @@ _PHASE_TEXT = {
     "noised": "the weights are at w + δ₀ (after noise_step())",
     "perturbed": "the weights are perturbed (after first_step())",
 }
+
+
+_shape, _dtype, _device = (operator.attrgetter(name) for name in ("shape", "dtype", "device"))
 
 
 @dataclass
@@ -541,10 +546,9 @@ class SharpnessAwareOptimizer(Optimizer):
         else:
             selection = self._perturbed
         saved = self._saved_now(selection)
-        for tensor, buffer in zip(selection.tensors, saved):  # a weight changed mid-step: the general path
-            if buffer is None or (buffer.shape, buffer.dtype, buffer.device) != (tensor.shape, tensor.dtype,
-                                                                                   tensor.device):
-                return False
+        if any(b is None for b in saved) or any(list(map(key, saved)) != list(map(key, selection.tensors))
+                                for key in (_shape, _dtype, _device)):
+            return False  # a weight changed mid-step: the general path converts or names it
         self._before_base_step()
         if scaler is not None:
             skip = scaler_skip_flag(self, scaler, device)

@@ -17,6 +17,7 @@ does); :func:`fused_second_step` runs the pass.
 
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,6 +30,7 @@ from ..backends import resolve_backend
 if TYPE_CHECKING:  # pragma: no cover
     from .base import ParamSelection, SharpnessAwareOptimizer
 
+_grad = operator.attrgetter("grad")
 # The base optimizers the fused pass implements: exactly these classes (a subclass may change the math).
 FUSED_KINDS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam"}
 _OPERATION = {"sgd": "restore_sgd_", "adam": "restore_adam_"}
@@ -91,22 +93,22 @@ def fused_second_step(opt: "SharpnessAwareOptimizer", selection: "ParamSelection
     first_step()) take the same update from their current weights.
     """
     base = opt.base_optimizer
-    params, groups, tensors, saved_now, grads = [], [], [], [], []
+    params, groups, tensors, saved_now = selection.params, selection.groups, selection.tensors, list(saved)
+    grads = list(map(_grad, params))
     no_grad_tensors, no_grad_saved = [], []
-    for param, group, tensor, buffer in zip(selection.params, selection.groups, selection.tensors, saved):
-        if param.grad is None:  # lost its gradient since first_step(): only restored, as the base step skips it
-            no_grad_tensors.append(tensor)
-            no_grad_saved.append(buffer)
-            continue
-        params.append(param)
-        groups.append(group)
-        tensors.append(tensor)
-        saved_now.append(buffer)
-        grads.append(param.grad)
-    perturbed = {id(p) for p in selection.params}
-    for group in opt.param_groups:  # a param that gained its gradient after first_step(): stepped from w itself
-        for param in group["params"]:
-            if param.grad is not None and id(param) not in perturbed:
+    if any(g is None for g in grads):  # lost its gradient since first_step(): only restored, as the base step skips it
+        keep = [g is not None for g in grads]
+        no_grad_tensors = [t for t, k in zip(tensors, keep) if not k]
+        no_grad_saved = [s for s, k in zip(saved_now, keep) if not k]
+        params, groups, tensors, saved_now, grads = (
+            [x for x, k in zip(items, keep) if k] for items in (params, groups, tensors, saved_now, grads))
+    else:
+        params, groups, tensors = list(params), list(groups), list(tensors)
+    with_grad = [(p, group) for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    if len(with_grad) != len(params):  # a param that gained its gradient after first_step(): stepped from w
+        perturbed = set(map(id, params))
+        for param, group in with_grad:
+            if id(param) not in perturbed:
                 params.append(param)
                 groups.append(group)
                 tensors.append(param)
