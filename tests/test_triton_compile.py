@@ -14,18 +14,20 @@ import pytest
 
 pytest.importorskip("triton")
 
-VARIANTS = 57  # compile_check._configurations()
+VARIANTS = 67  # compile_check._configurations()
 
 # Registers per thread at num_warps = 8 (256 threads per block). An SM of sm_90 has 65,536 registers
 # and holds at most 64 warps. The kernels stream memory: what keeps HBM busy is bytes in flight per SM,
 # about bandwidth × latency / SMs ≈ 3.35 TB/s × ~1 µs / 132 ≈ 25 KB. A thread of a full float32 tile
 # has two 16-byte loads per stream in flight (BLOCK / 256 = 8 elements).
-#   streaming kernels (restore, norm sums, perturb): ≤ 64 → 4 blocks = 32 warps per SM, ≥ 64 KB in flight;
+#   streaming kernels (restore, norm sums, perturb, the fused SGD/Adam second step): ≤ 64 → 4 blocks = 32 warps
+#   per SM, ≥ 64 KB in flight;
 #   noise kernels (Philox + Box–Muller, ALU-heavy): ≤ 80 → 3 blocks (3 × 80 × 256 = 61,440 registers);
 #   float64 (two registers per value): ≤ 128 → 2 blocks.
 BUDGET = {"stream": 64, "noise": 80, "fp64": 128}
 NOISE_KERNELS = {"add_noise_kernel", "noise_grad_sums_kernel", "mix_perturb_kernel"}
-ELEMENTWISE = {"restore_kernel", "scaled_grad_sq_sum_kernel", "perturb_kernel"} | NOISE_KERNELS
+FUSED_STEP_KERNELS = {"restore_sgd_kernel", "restore_adam_kernel"}
+ELEMENTWISE = {"restore_kernel", "scaled_grad_sq_sum_kernel", "perturb_kernel"} | NOISE_KERNELS | FUSED_STEP_KERNELS
 
 _LINE = re.compile(r"^(\w+) (\S+) num_warps=(\d+) regs=(\w+) stack=(\w+) vector_loads=(\d+) div64=(\d+)$")
 
@@ -60,7 +62,7 @@ def test_all_triton_kernels_compile_for_sm90(report):
 def test_full_tiles_of_aligned_lists_use_vector_loads(report):
     _, rows = report
     aligned = [r for r in rows if r["name"] in ELEMENTWISE and r["variant"].get("ALIGNED") == "True"]
-    assert len(aligned) == 40  # float32 13, bfloat16 9, float16 9, float64 9
+    assert len(aligned) == 48  # float32 15, bfloat16 11, float16 11, float64 11
     assert {r["variant"]["W_DTYPE"] for r in aligned} == {"fp32", "bf16", "fp16", "fp64"}
     missing = [r["line"] for r in aligned if r["vector_loads"] == 0]
     assert not missing, "no ld.global.v2/v4 in:\n" + "\n".join(missing)
@@ -88,3 +90,14 @@ def test_registers_within_budget(report):
 
     over = [f"{r['line']} (budget {budget(r)})" for r in rows if r["regs"] > budget(r)]
     assert not over, "\n".join(over)
+
+
+def test_fused_step_kernels_load_every_stream_in_vectors(report):
+    # restore_sgd_kernel reads saved, g and the momentum buffer; restore_adam_kernel saved, g, m, v and v̂:
+    # at least one vector load per stream on aligned full tiles (float32: two, 16 bytes each per thread).
+    _, rows = report
+    streams = {"restore_sgd_kernel": 3, "restore_adam_kernel": 5}
+    fused = [r for r in rows if r["name"] in FUSED_STEP_KERNELS and r["variant"].get("ALIGNED") == "True"]
+    assert len(fused) == 8
+    few = [r["line"] for r in fused if r["vector_loads"] < streams[r["name"]]]
+    assert not few, "fewer vector loads than streams in:\n" + "\n".join(few)

@@ -3,11 +3,14 @@
 Per step and bucket: SAM/ASAM run one reduction launch (plus a filter-norm
 launch for filter-wise ASAM) and one perturb launch; restore is one launch.
 R-SAM's δ₀ is regenerated inside the kernels from the Philox stream and never
-stored. Tensors the kernels do not take — non-contiguous weights or
-gradients, saved copies of another dtype, filters of more than
-:data:`MAX_FILTER` elements, shards at a noise offset — go to the foreach
-backend in the same call; the reason is kept in :data:`ROUTED_TO_FOREACH`
-(shape → reason) for inspection.
+stored. The fused second step (``restore_sgd_``, ``restore_adam_``; see
+:data:`FUSES_BASE_STEP`) is one launch per bucket: saved weights, gradient and
+optimizer state in, weights and state out. Tensors the kernels do not take —
+non-contiguous weights or gradients, saved copies of another dtype, optimizer
+state that is non-contiguous or of another dtype than its weight, filters of
+more than :data:`MAX_FILTER` elements, shards at a noise offset — go to the
+foreach backend in the same call; the reason is kept in
+:data:`ROUTED_TO_FOREACH` (shape → reason) for inspection.
 
 Host metadata is cached (issue 19): each operation keeps a plan per signature
 of its lists (shapes, dtypes, contiguity, device; see :func:`_plan`) holding
@@ -124,7 +127,8 @@ class _Plan:
     """
 
     def __init__(self, weights: Sequence[Tensor], grads: Sequence[Tensor] | None, saved: Sequence[Tensor] | None,
-                 element_offsets: Sequence[int] | None):
+                 element_offsets: Sequence[int] | None, states: Sequence[Sequence[Tensor]] = (),
+                 used: Sequence[Sequence[bool] | None] = ()):
         STATS["plans"] += 1
         by_key: dict[tuple, list[int]] = {}
         self.fallback: list[int] = []
@@ -135,6 +139,12 @@ class _Plan:
                 continue  # nothing to do, on any backend
             if not all(t.is_contiguous() for t in tensors):
                 ROUTED_TO_FOREACH[tuple(w.shape)] = "non-contiguous weight or gradient"
+                self.fallback.append(i)
+                continue
+            # Optimizer state the kernel reads and writes (a placeholder where the tensor does not use it).
+            state = [lst[i] for lst, on in zip(states, used) if on is None or on[i]]
+            if not all(t.is_contiguous() and t.dtype == w.dtype for t in state):
+                ROUTED_TO_FOREACH[tuple(w.shape)] = "optimizer state non-contiguous or of another dtype than the weight"
                 self.fallback.append(i)
                 continue
             if w.dim() >= 2 and w.numel() // w.shape[0] > MAX_FILTER:
@@ -159,7 +169,8 @@ class _Plan:
 
     def pointers(self, *lists: Sequence[Tensor] | None) -> list[tuple[list[Tensor], bool]]:
         """Per bucket, the int64 device arrays of the addresses of each list (weights, gradients,
-        saved; None where the call has no such list) and whether every address is 16-byte aligned.
+        saved, then any state lists; None where the call has no such list) and whether every address is
+        16-byte aligned.
 
         The last few address sets of each list are kept: gradients freed and
         reallocated every step often come back at the same few addresses.
@@ -185,15 +196,21 @@ class _Plan:
         return [([table for table, _ in made], all(aligned for _, aligned in made)) for made in zip(*per_list)]
 
     def array(self, name: str, values: Sequence, kind: str = "acc") -> list[Tensor]:
-        """Per bucket, a device array of per-tensor values: floats in the accumulation dtype, or int64."""
+        """Per bucket, a device array of per-tensor values: floats in the accumulation dtype, or int64.
+
+        A value may be a tuple (one row per tensor): the array is then a row-major [tensors, columns] table.
+        """
         key = tuple(values)
         cached = self._arrays.get(name)
         if cached is None or cached[0] != key:
             STATS["arrays"] += 1
-            if kind == "acc":
-                made = [L.device_array([float(v) for v in b.take(key)], b.acc, b.device) for b in self.buckets]
-            else:
-                made = [L.device_array([int(v) for v in b.take(key)], torch.int64, b.device) for b in self.buckets]
+            convert = float if kind == "acc" else int
+            dtype = None if kind == "acc" else torch.int64
+
+            def rows(taken):
+                return [tuple(map(convert, v)) if isinstance(v, tuple) else convert(v) for v in taken]
+
+            made = [L.device_array(rows(b.take(key)), dtype or b.acc, b.device) for b in self.buckets]
             cached = (key, made)
             self._arrays[name] = cached
         return cached[1]
@@ -236,13 +253,18 @@ _POINTER_SETS = 4  # address sets kept per list of a plan
 
 
 def _plan(op: str, weights: Sequence[Tensor], grads: Sequence[Tensor] | None = None,
-          saved: Sequence[Tensor] | None = None, element_offsets: Sequence[int] | None = None) -> _Plan:
+          saved: Sequence[Tensor] | None = None, element_offsets: Sequence[int] | None = None,
+          states: Sequence[Sequence[Tensor]] = (), used: Sequence[Sequence[bool] | None] = ()) -> _Plan:
     """The cached plan of the lists' signature: shapes, dtypes, contiguity, device and shard offsets.
 
+    ``states``: optimizer-state lists the kernel reads and writes (they must be contiguous and of the
+    weight's dtype, else the position goes to foreach); ``used``, one per state list: which positions use
+    it (None: all), the others hold a placeholder that is never addressed, whatever its layout.
     Addresses are not part of it (a new storage or a reallocated gradient only
     rebuilds that list's pointer table, see :meth:`_Plan.pointers`).
     """
-    lists = [lst for lst in (weights, grads, saved) if lst is not None]
+    used = tuple(None if on is None else tuple(map(bool, on)) for on in used) or (None,) * len(states)
+    lists = [lst for lst in (weights, grads, saved, *states) if lst is not None]
     key = (
         op,
         weights[0].device,
@@ -250,10 +272,11 @@ def _plan(op: str, weights: Sequence[Tensor], grads: Sequence[Tensor] | None = N
         tuple(tuple(map(_dtype_of, lst)) for lst in lists),
         tuple(tuple(map(_is_contiguous, lst)) for lst in lists),
         tuple(map(bool, element_offsets)) if element_offsets is not None and any(element_offsets) else None,
+        used,
     )
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _Plan(weights, grads, saved, element_offsets)
+        plan = _PLANS[key] = _Plan(weights, grads, saved, element_offsets, states, used)
         if len(_PLANS) > _PLAN_CACHE_SIZE:
             _PLANS.popitem(last=False)
     else:
@@ -453,6 +476,89 @@ def mix_perturb_(
             _pick(params, fallback), _pick(grads, fallback), _pick(saved, fallback),
             _pick(noise_coefs, fallback), _pick(grad_coefs, fallback), gammas=_pick(gammas, fallback),
             stream=stream.pick(fallback))
+
+
+# ------------------------------------------------------ the fused second step (docs/DESIGN.md §2.11)
+FUSES_BASE_STEP = True  # restore + torch.optim.SGD's / Adam(W)'s update in one pass (optim/fused_base.py)
+
+
+def _skip_slots(plan: _Plan, skips: Sequence[Tensor]) -> tuple[Tensor, list[Tensor]]:
+    """The distinct skip flags stacked (usually one shared 0-d bool) and, per bucket, each tensor's slot."""
+    (unique,), slot_arrays = plan.slots("skips", skips)
+    return torch.stack(unique), slot_arrays
+
+
+def _fallback_step(fn, plan: _Plan, lists: Sequence[Sequence], hypers: dict) -> None:
+    fallback = plan.fallback
+    fn(*(_pick(lst, fallback) for lst in lists), **{k: _pick(v, fallback) for k, v in hypers.items()})
+
+
+@_on_tensors_device
+def restore_sgd_(
+    params: Sequence[Tensor], saved: Sequence[Tensor], grads: Sequence[Tensor], momenta: Sequence[Tensor],
+    skips: Sequence[Tensor], *, lrs: Sequence[float], weight_decays: Sequence[float], momentums: Sequence[float],
+    dampenings: Sequence[float], nesterovs: Sequence[float], maximizes: Sequence[float], fresh: Sequence[float],
+) -> None:
+    momentum_on = [mu != 0 for mu in momentums]
+    plan = _plan("restore_sgd_", params, grads, saved, states=(momenta,), used=(momentum_on,))
+    if plan.buckets:
+        tables = plan.pointers(params, grads, saved, momenta)
+        # Columns in kernels.SGD_* order; 1 − τ formed in float64 before the rounding to ACC (csrc/sam_math.h).
+        hyper_arrays = plan.array("hypers", [
+            (lr, wd, mu, 1.0 - tau, -1.0 if maximize else 1.0, float(wd != 0), float(on), float(bool(nesterov)),
+             float(bool(new)))
+            for lr, wd, mu, tau, maximize, on, nesterov, new in zip(
+                lrs, weight_decays, momentums, dampenings, maximizes, momentum_on, nesterovs, fresh)
+        ])
+        stacked, slot_arrays = _skip_slots(plan, skips)
+    for k, b in enumerate(plan.buckets):
+        (w_ptrs, g_ptrs, s_ptrs, m_ptrs), aligned = tables[k]
+        K.restore_sgd_kernel[(b.layout.num_tiles,)](
+            b.layout.tile_tensor, b.layout.tile_start, w_ptrs, s_ptrs, g_ptrs, m_ptrs, b.layout.numels,
+            hyper_arrays[k], slot_arrays[k], stacked,
+            G_DTYPE=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS, **b.dtypes(),
+        )
+    if plan.fallback:
+        _fallback_step(_foreach.restore_sgd_, plan, (params, saved, grads, momenta, skips), dict(
+            lrs=lrs, weight_decays=weight_decays, momentums=momentums, dampenings=dampenings, nesterovs=nesterovs,
+            maximizes=maximizes, fresh=fresh))
+
+
+@_on_tensors_device
+def restore_adam_(
+    params: Sequence[Tensor], saved: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Sequence[Tensor], skips: Sequence[Tensor], *,
+    lrs: Sequence[float], beta1s: Sequence[float], beta2s: Sequence[float], epss: Sequence[float],
+    weight_decays: Sequence[float], decoupled: Sequence[float], amsgrads: Sequence[float],
+    maximizes: Sequence[float], step_sizes: Sequence[float], bias_correction2_sqrts: Sequence[float],
+) -> None:
+    amsgrad_on = [bool(a) for a in amsgrads]
+    plan = _plan("restore_adam_", params, grads, saved, states=(exp_avgs, exp_avg_sqs, max_exp_avg_sqs),
+                 used=(None, None, amsgrad_on))
+    if plan.buckets:
+        tables = plan.pointers(params, grads, saved, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        # Columns in kernels.ADAM_* order; 1 − lr·λ, 1 − β₁, 1 − β₂ formed in float64 (csrc/sam_math.h).
+        hyper_arrays = plan.array("hypers", [
+            (1.0 - lr * wd, wd, 1.0 - beta1, beta2, 1.0 - beta2, eps, step_size, bc2, -1.0 if maximize else 1.0,
+             float(wd != 0 and bool(dec)), float(wd != 0 and not dec), float(ams))
+            for lr, beta1, beta2, eps, wd, dec, ams, maximize, step_size, bc2 in zip(
+                lrs, beta1s, beta2s, epss, weight_decays, decoupled, amsgrad_on, maximizes, step_sizes,
+                bias_correction2_sqrts)
+        ])
+        stacked, slot_arrays = _skip_slots(plan, skips)
+    for k, b in enumerate(plan.buckets):
+        (w_ptrs, g_ptrs, s_ptrs, m_ptrs, v_ptrs, vmax_ptrs), aligned = tables[k]
+        K.restore_adam_kernel[(b.layout.num_tiles,)](
+            b.layout.tile_tensor, b.layout.tile_start, w_ptrs, s_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs,
+            b.layout.numels, hyper_arrays[k], slot_arrays[k], stacked,
+            G_DTYPE=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS, **b.dtypes(),
+        )
+    if plan.fallback:
+        _fallback_step(_foreach.restore_adam_, plan,
+                       (params, saved, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, skips), dict(
+                           lrs=lrs, beta1s=beta1s, beta2s=beta2s, epss=epss, weight_decays=weight_decays,
+                           decoupled=decoupled, amsgrads=amsgrads, maximizes=maximizes, step_sizes=step_sizes,
+                           bias_correction2_sqrts=bias_correction2_sqrts))
 
 
 register_backend(NAME, sys.modules[__name__], priority={"cuda": 20})

@@ -18,11 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-_INT32_POINTERS = {"tile_tensor", "ftile_tensor", "scale_slots", "coef_slots"}
+_INT32_POINTERS = {"tile_tensor", "ftile_tensor", "scale_slots", "coef_slots", "skip_slots"}
 _INT64_POINTERS = {
     "tile_start", "ftile_row", "numels", "fsizes", "n_filters", "fnorm_offs",
-    "w_ptrs", "g_ptrs", "s_ptrs", "tensor_indices",
+    "w_ptrs", "g_ptrs", "s_ptrs", "m_ptrs", "v_ptrs", "vmax_ptrs", "tensor_indices",
 }
+_BOOL_POINTERS = {"skips"}  # 0-d bool flags, stacked
 _INT_SCALARS = {"key0", "key1", "step"}
 
 
@@ -35,9 +36,11 @@ def _signature(fn, acc_name: str) -> dict[str, str]:
             signature[name] = "*i32"
         elif name in _INT64_POINTERS:
             signature[name] = "*i64"
+        elif name in _BOOL_POINTERS:
+            signature[name] = "*i1"
         elif name in _INT_SCALARS:
             signature[name] = "i64"
-        else:  # per-tensor floats, filter norms, partial sums, scales
+        else:  # per-tensor floats (and tables of them), filter norms, partial sums, scales
             signature[name] = f"*{acc_name}"
     return signature
 
@@ -68,6 +71,8 @@ def _configurations():
             yield K.add_noise_kernel, {**base, "BLOCK": BLOCK}, NUM_WARPS
             yield K.noise_grad_sums_kernel, with_grad, NUM_WARPS
             yield K.mix_perturb_kernel, with_grad, NUM_WARPS
+            yield K.restore_sgd_kernel, with_grad, NUM_WARPS
+            yield K.restore_adam_kernel, with_grad, NUM_WARPS
 
 
 def compile_all(arch: int = 90):

@@ -5,7 +5,9 @@ of tensor ``tile_tensor[i]`` starting at element ``tile_start[i]`` (a multiple
 of ``BLOCK``, int64). Per-tensor metadata is indexed by that slot:
 
 * ``w_ptrs``, ``g_ptrs``, ``s_ptrs``: int64 addresses of the weight, gradient
-  and saved copy (all contiguous, of the bucket's dtypes);
+  and saved copy (all contiguous, of the bucket's dtypes); the fused second
+  step's ``m_ptrs``, ``v_ptrs``, ``vmax_ptrs``: optimizer state of the weight's
+  dtype (or a placeholder that is never addressed where the tensor has no such state);
 * ``numels``: elements of the tensor (int64);
 * ``fsizes``: elements per filter (``numel / size(0)`` for ndim ≥ 2, 0 for
   ndim ≤ 1, whose elements are their own groups);
@@ -390,3 +392,169 @@ def mix_perturb_kernel(
         _mix_perturb_tile(slot, start, remaining, w_ptrs, g_ptrs, s_ptrs, fsizes, fnorm_offs, fnorms, gammas,
                           tensor_indices, key0, key1, step, coef_slots, noise_coefs, grad_coefs,
                           W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, True)
+
+
+# ------------------------------------------------------ the fused second step (docs/DESIGN.md §2.11)
+# Per-tensor hyperparameters arrive as one row per tensor of a table in ACC (``hypers[slot, column]``),
+# coefficient combinations (1 − τ, 1 − β, 1 − lr·λ) formed in float64 on the host before the one rounding
+# to ACC, as csrc/sam_math.h's sgd_coefs/adam_coefs form them; flags are 0.0/1.0 columns. The on/off flags
+# are uniform per program (a tile lies in one tensor), so they are scalar branches: a state a tensor does
+# not use (momentum 0, no amsgrad; the caller passes a placeholder that may alias another list) is never
+# addressed, and a skipped step (``skips[skip_slots[slot]]``, a 0-d bool) only copies saved → w.
+SGD_LR = tl.constexpr(0)
+SGD_WEIGHT_DECAY = tl.constexpr(1)
+SGD_MOMENTUM = tl.constexpr(2)
+SGD_ONE_MINUS_DAMPENING = tl.constexpr(3)
+SGD_SIGN = tl.constexpr(4)  # −1 where maximize, else 1
+SGD_DECAY_ON = tl.constexpr(5)
+SGD_MOMENTUM_ON = tl.constexpr(6)
+SGD_NESTEROV = tl.constexpr(7)
+SGD_FRESH = tl.constexpr(8)
+SGD_COLUMNS = tl.constexpr(9)
+
+ADAM_DECAY = tl.constexpr(0)  # 1 − lr·λ (AdamW)
+ADAM_WEIGHT_DECAY = tl.constexpr(1)
+ADAM_ONE_MINUS_BETA1 = tl.constexpr(2)
+ADAM_BETA2 = tl.constexpr(3)
+ADAM_ONE_MINUS_BETA2 = tl.constexpr(4)
+ADAM_EPS = tl.constexpr(5)
+ADAM_STEP_SIZE = tl.constexpr(6)
+ADAM_BIAS_CORRECTION2_SQRT = tl.constexpr(7)
+ADAM_SIGN = tl.constexpr(8)
+ADAM_DECOUPLED_ON = tl.constexpr(9)  # λ ≠ 0 and decoupled
+ADAM_COUPLED_ON = tl.constexpr(10)  # λ ≠ 0 and not decoupled
+ADAM_AMSGRAD = tl.constexpr(11)
+ADAM_COLUMNS = tl.constexpr(12)
+
+
+@triton.jit
+def _sqrt_rn(x, ACC: tl.constexpr):
+    """Correctly rounded √x (tl.sqrt is an approximation in float32; float64's is exact-rounded)."""
+    if ACC == tl.float64:
+        y = tl.sqrt(x)
+    else:
+        y = tl.sqrt_rn(x)
+    return y
+
+
+@triton.jit
+def _div_rn(x, y, ACC: tl.constexpr):
+    """Correctly rounded x / y (float32's ``/`` may be the approximate division)."""
+    if ACC == tl.float64:
+        q = x / y
+    else:
+        q = tl.div_rn(x, y)
+    return q
+
+
+@triton.jit
+def _skip_of(slot, skip_slots, skips):
+    return tl.load(skips + tl.load(skip_slots + slot)) != 0
+
+
+@triton.jit
+def _restore_sgd_tile(
+    slot, start, remaining, w_ptrs, s_ptrs, g_ptrs, m_ptrs, hypers, skip_slots, skips,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    w_ptr = _tile_ptr(w_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    saved = _load(_tile_ptr(s_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, mask, MASKED)
+    if _skip_of(slot, skip_slots, skips):
+        _store(w_ptr, saved, mask, MASKED)  # the saved bits; the buffer untouched
+    else:
+        h = hypers + slot * SGD_COLUMNS
+        w = saved.to(ACC)
+        d = tl.load(h + SGD_SIGN) * _load(_tile_ptr(g_ptrs, slot, start, G_DTYPE, ALIGNED) + lanes, mask,
+                                          MASKED).to(ACC)
+        if tl.load(h + SGD_DECAY_ON) != 0:
+            d = d + tl.load(h + SGD_WEIGHT_DECAY) * w
+        if tl.load(h + SGD_MOMENTUM_ON) != 0:
+            m_ptr = _tile_ptr(m_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+            mu = tl.load(h + SGD_MOMENTUM)
+            if tl.load(h + SGD_FRESH) != 0:  # a new buffer (torch.empty_like): not read
+                m_new = d.to(W_DTYPE)
+            else:
+                m_new = (mu * _load(m_ptr, mask, MASKED).to(ACC) + tl.load(h + SGD_ONE_MINUS_DAMPENING) * d
+                         ).to(W_DTYPE)
+            _store(m_ptr, m_new, mask, MASKED)
+            if tl.load(h + SGD_NESTEROV) != 0:
+                d = d + mu * m_new.to(ACC)
+            else:
+                d = m_new.to(ACC)
+        _store(w_ptr, (w - tl.load(h + SGD_LR) * d).to(W_DTYPE), mask, MASKED)
+
+
+@triton.jit
+def restore_sgd_kernel(
+    tile_tensor, tile_start, w_ptrs, s_ptrs, g_ptrs, m_ptrs, numels, hypers, skip_slots, skips,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """w ← saved − lr·d, torch.optim.SGD's step from the saved weights (m ← d or μ·m + (1 − τ)·d where
+    momentum is on, rounded before d reads it); where skip: w ← saved, m untouched."""
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _restore_sgd_tile(slot, start, remaining, w_ptrs, s_ptrs, g_ptrs, m_ptrs, hypers, skip_slots, skips,
+                          W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, False)
+    else:
+        _restore_sgd_tile(slot, start, remaining, w_ptrs, s_ptrs, g_ptrs, m_ptrs, hypers, skip_slots, skips,
+                          W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, True)
+
+
+@triton.jit
+def _restore_adam_tile(
+    slot, start, remaining, w_ptrs, s_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, hypers, skip_slots, skips,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    w_ptr = _tile_ptr(w_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    saved = _load(_tile_ptr(s_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, mask, MASKED)
+    if _skip_of(slot, skip_slots, skips):
+        _store(w_ptr, saved, mask, MASKED)  # the saved bits; the moments untouched
+    else:
+        h = hypers + slot * ADAM_COLUMNS
+        w = saved.to(ACC)
+        d = tl.load(h + ADAM_SIGN) * _load(_tile_ptr(g_ptrs, slot, start, G_DTYPE, ALIGNED) + lanes, mask,
+                                           MASKED).to(ACC)
+        if tl.load(h + ADAM_DECOUPLED_ON) != 0:
+            w = w * tl.load(h + ADAM_DECAY)
+        if tl.load(h + ADAM_COUPLED_ON) != 0:
+            d = d + tl.load(h + ADAM_WEIGHT_DECAY) * w
+        m_ptr = _tile_ptr(m_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+        m = _load(m_ptr, mask, MASKED).to(ACC)
+        m_new = (m + tl.load(h + ADAM_ONE_MINUS_BETA1) * (d - m)).to(W_DTYPE)
+        _store(m_ptr, m_new, mask, MASKED)
+        v_ptr = _tile_ptr(v_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+        v_new = (tl.load(h + ADAM_BETA2) * _load(v_ptr, mask, MASKED).to(ACC)
+                 + tl.load(h + ADAM_ONE_MINUS_BETA2) * d * d).to(W_DTYPE)
+        _store(v_ptr, v_new, mask, MASKED)
+        second = v_new.to(ACC)
+        if tl.load(h + ADAM_AMSGRAD) != 0:
+            vmax_ptr = _tile_ptr(vmax_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+            old = _load(vmax_ptr, mask, MASKED).to(ACC)
+            second = tl.where((old > second) | (old != old), old, second)  # torch.maximum: a NaN wins
+            _store(vmax_ptr, second.to(W_DTYPE), mask, MASKED)
+        denom = _div_rn(_sqrt_rn(second, ACC), tl.load(h + ADAM_BIAS_CORRECTION2_SQRT), ACC) + tl.load(h + ADAM_EPS)
+        update = _div_rn(tl.load(h + ADAM_STEP_SIZE) * m_new.to(ACC), denom, ACC)
+        _store(w_ptr, (w - update).to(W_DTYPE), mask, MASKED)
+
+
+@triton.jit
+def restore_adam_kernel(
+    tile_tensor, tile_start, w_ptrs, s_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, numels, hypers, skip_slots, skips,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """w ← saved − step_size·m/(√v/√(1−β₂ᵗ) + eps), torch.optim.Adam/AdamW's step from the saved weights
+    (m, v and, with amsgrad, v̂ updated and rounded before the update reads them); where skip: w ← saved,
+    the moments untouched."""
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _restore_adam_tile(slot, start, remaining, w_ptrs, s_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, hypers,
+                           skip_slots, skips, W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, False)
+    else:
+        _restore_adam_tile(slot, start, remaining, w_ptrs, s_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, hypers,
+                           skip_slots, skips, W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, True)
