@@ -87,6 +87,29 @@ void adam_range_for(int decay, bool amsgrad, scalar_t* w, const scalar_t* s, con
   }
 }
 
+// Momentum-SAM: w0 = w + a m_old (a fresh buffer holds nothing: w0 = w), then SGD's update from w0.
+template <bool kFresh, typename scalar_t>
+SAM_HOST_CLONES void msam_sgd_range(scalar_t* w, const scalar_t* g, scalar_t* m, int64_t begin, int64_t end,
+                                    at::opmath_type<scalar_t> shift,
+                                    const sam::SgdCoefs<at::opmath_type<scalar_t>>& coefs) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const sam::SgdCoefs<acc_t> c = coefs;
+  const acc_t a = shift;
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t wi = static_cast<acc_t>(w[i]);
+    const acc_t w0 = kFresh ? wi : wi + a * static_cast<acc_t>(m[i]);
+    w[i] = static_cast<scalar_t>(sam::sgd_update<true, acc_t, scalar_t>(w0, static_cast<acc_t>(g[i]), m[i], c));
+  }
+}
+
+// A skipped Momentum-SAM step: only the undo, w <- w + a m.
+template <typename scalar_t>
+void msam_undo_range(scalar_t* w, const scalar_t* m, int64_t begin, int64_t end, at::opmath_type<scalar_t> a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = begin; i < end; ++i)
+    w[i] = static_cast<scalar_t>(static_cast<acc_t>(w[i]) + a * static_cast<acc_t>(m[i]));
+}
+
 }  // namespace
 
 void restore_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& saved,
@@ -154,6 +177,49 @@ void restore_adam_(const std::vector<at::Tensor>& params, const std::vector<at::
       });
     });
   }
+}
+
+at::Tensor msam_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const std::vector<at::Tensor>& momenta, const std::vector<at::Tensor>& shifts,
+                     const std::vector<at::Tensor>& skips, const std::vector<std::vector<double>>& hypers) {
+  double total = 0;
+  bool any_double = false;
+  for (size_t j = 0; j < params.size(); ++j) {
+    const at::Tensor &w = params[j], &g = grads[j], &m = momenta[j];
+    std::vector<double> h = hypers_of(hypers, j, sam::kSgdHypers);
+    check_dense(w, w, "weight");
+    check_dense(g, w, "gradient");
+    check_dense(m, w, "momentum buffer");
+    TORCH_CHECK(h[sam::kSgdMomentum] != 0, "sam_kernels cpp backend: msam_sgd_ needs momentum > 0");
+    any_double |= w.scalar_type() == at::kDouble;
+    const bool fresh = h[sam::kSgdFresh] != 0, skip = skipped(skips[j]);
+    const at::Tensor& c = shifts[j];
+    TORCH_CHECK(c.device().is_cpu() && c.numel() == 1, "sam_kernels cpp backend: a shift must be a one-element CPU tensor");
+    const double shift = c.scalar_type() == at::kDouble ? *c.const_data_ptr<double>() : c.item<double>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "msam_sgd_", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const sam::SgdCoefs<acc_t> coefs = sam::sgd_coefs<acc_t>(h.data());
+      const acc_t a = static_cast<acc_t>(shift);
+      scalar_t* wd = w.data_ptr<scalar_t>();
+      const scalar_t* gd = g.data_ptr<scalar_t>();
+      scalar_t* md = m.data_ptr<scalar_t>();
+      // Per chunk: the update (a loop that vectorises), then sum m_new^2 over the chunk, still in cache.
+      auto sum = chunked_sum<acc_t, 1>(w.numel(), [&](int64_t begin, int64_t end, std::array<acc_t, 1>& out) {
+        if (skip) {
+          if (!fresh) msam_undo_range<scalar_t>(wd, md, begin, end, a);  // a fresh buffer: nothing to undo
+        } else if (fresh)
+          msam_sgd_range<true, scalar_t>(wd, gd, md, begin, end, a, coefs);
+        else
+          msam_sgd_range<false, scalar_t>(wd, gd, md, begin, end, a, coefs);
+        lane_sums<acc_t, 1>(begin, end, out, [md](int64_t i) {
+          const acc_t mi = static_cast<acc_t>(md[i]);
+          return std::array<acc_t, 1>{mi * mi};
+        });
+      });
+      total += static_cast<double>(sum[0]);
+    });
+  }
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble)).to(any_double ? at::kDouble : at::kFloat);
 }
 
 }  // namespace sam_host

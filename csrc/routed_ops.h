@@ -168,6 +168,18 @@ struct Routed {
                          pick(max_exp_avg_sqs, b), pick(skips, b), pick_each(hypers, b));
     return r.skipped;
   }
+
+  static std::tuple<c10::optional<at::Tensor>, Positions> msam_sgd_(const Tensors& params, const Tensors& grads,
+                                                                    const Tensors& momenta, const Tensors& shifts,
+                                                                    const Tensors& skips,
+                                                                    const std::vector<std::vector<double>>& hypers) {
+    const Routing r = route(params, {&grads, &momenta});
+    Tensors parts;
+    for (const auto& b : r.buckets)
+      parts.push_back(Ops::msam_sgd_(pick(params, b), pick(grads, b), pick(momenta, b), pick(shifts, b),
+                                     pick(skips, b), pick_each(hypers, b)));
+    return {add_totals(parts), r.skipped};
+  }
 };
 
 }  // namespace sam

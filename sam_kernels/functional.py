@@ -56,6 +56,7 @@ __all__ = [
     "looksam_reuse_coefficients",
     "restore_sgd_",
     "restore_adam_",
+    "msam_sgd_",
     "NoiseStream",
     "resolve",
 ]
@@ -287,6 +288,20 @@ def restore_adam_(
         "max_exp_avg_sqs": max_exp_avg_sqs, "skips": skips, "lrs": lrs, "beta1s": beta1s, "beta2s": beta2s,
         "epss": epss, "weight_decays": weight_decays, "decoupled": decoupled, "amsgrads": amsgrads,
         "maximizes": maximizes, "step_sizes": step_sizes, "bias_correction2_sqrts": bias_correction2_sqrts})
+
+
+def msam_sgd_(
+    params: Sequence[Tensor], grads: Sequence[Tensor], momenta: Sequence[Tensor], shifts: Sequence[Tensor],
+    skips: Sequence[Tensor], *, lrs: FloatOrSeq, weight_decays: FloatOrSeq, momentums: FloatOrSeq,
+    dampenings: FloatOrSeq, nesterovs: FloatOrSeq, maximizes: FloatOrSeq, fresh: FloatOrSeq,
+    backend: str = "auto",
+) -> Tensor:
+    """Momentum-SAM's step with SGD in one pass: w ← ŵ + c·m, then torch.optim.SGD's update (momentum > 0;
+    ``fresh``: the buffer is new, m ← d); returns Σ m² of the new momenta for the next shift."""
+    return call("msam_sgd_", backend, {
+        "params": params, "grads": grads, "momenta": momenta, "shifts": shifts, "skips": skips, "lrs": lrs,
+        "weight_decays": weight_decays, "momentums": momentums, "dampenings": dampenings, "nesterovs": nesterovs,
+        "maximizes": maximizes, "fresh": fresh})
 
 
 def _shared(values: Sequence[float], make) -> list[Tensor]:

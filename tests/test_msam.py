@@ -199,3 +199,100 @@ def test_grad_scaler_step_skips_the_base_step_on_overflow_and_keeps_the_perturba
     scaler.scale(_loss(model, x, y)).backward()
     scaler.step(opt)  # a finite step is taken with the unscaled gradient
     assert not torch.equal(opt.state[next(model.parameters())]["momentum_buffer"], momenta[0])
+
+
+# ----------------------------------------------------------------- the fused step (msam_sgd_)
+def _fused_backends():
+    import sam_kernels
+    from sam_kernels.backends import resolve_backend
+
+    names = []
+    for name in ("cpp", "triton", "cuda"):
+        if sam_kernels.available_backends().get(name) is None and getattr(
+                resolve_backend(name, torch.device("cpu")), "msam_sgd_", None) is not None:
+            names.append(name)
+    return names
+
+
+MSAM_FUSED = _fused_backends()
+
+
+@pytest.mark.skipif(not MSAM_FUSED, reason="no backend with msam_sgd_ runs on the CPU")
+@pytest.mark.parametrize("kwargs", [
+    {"lr": 0.1, "momentum": 0.9},
+    {"lr": 0.05, "momentum": 0.8, "nesterov": True, "weight_decay": 0.01},
+    {"lr": 0.05, "momentum": 0.7, "dampening": 0.3, "maximize": True},
+], ids=["momentum", "nesterov-wd", "dampening-maximize"])
+def test_the_fused_step_follows_the_unfused_one_in_float64(kwargs):
+    model = _model()
+    twin = copy.deepcopy(model)
+    batches = _batches(5)
+    opts = []
+    for m, fuse in ((model, True), (twin, False)):
+        params = list(m.parameters())
+        opt = MSAM([{"params": params[:2]}, {"params": params[2:], "rho": 0.7}], torch.optim.SGD, rho=0.3,
+                   backend=MSAM_FUSED[0], fuse_base_step=fuse, **kwargs)
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for x, y in batches:
+            opt.zero_grad()
+            _loss(m, x, y).backward()
+            opt.step()
+            scheduler.step()
+        opts.append(opt)
+    assert opts[0].base_step_fused and not opts[1].base_step_fused
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(opts[0].state[p]["momentum_buffer"], opts[1].state[q]["momentum_buffer"],
+                                   rtol=1e-12, atol=1e-13)
+    with opts[0].unperturbed(), opts[1].unperturbed():
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.skipif(not MSAM_FUSED, reason="no backend with msam_sgd_ runs on the CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_msam_sgd_matches_the_reference(dtype):
+    import sam_kernels.functional as F
+
+    shapes = [(8, 3, 3, 3), (8,), (1,), (), (0, 5), (2, 3000), (7, 1, 5)]
+    params = [torch.randn(s, dtype=torch.float64).to(dtype) for s in shapes] + [torch.randn(12, 6).to(dtype).t()]
+    grads = [torch.randn(p.shape, dtype=torch.float64).to(dtype) for p in params]
+    grads[-1] = grads[-1].t().contiguous().t()
+    momenta = [torch.randn(p.shape, dtype=torch.float64).to(dtype) for p in params]
+    momenta[-1] = momenta[-1].t().contiguous().t()
+    n = len(params)
+    shifts = [torch.tensor(0.01 * (k + 1), dtype=torch.float64) for k in range(n)]
+    hypers = dict(lrs=[0.1] * n, weight_decays=[1e-2 * (k % 2) for k in range(n)], momentums=[0.9] * n,
+                  dampenings=[0.1 * (k % 3 == 0) for k in range(n)], nesterovs=[float(k % 2) for k in range(n)],
+                  maximizes=[float(k % 4 == 1) for k in range(n)], fresh=[float(k % 3 == 2) for k in range(n)])
+    skips = [torch.tensor(False)] * n
+    results = []
+    for backend in (MSAM_FUSED[0], "reference"):
+        w, m = [p.clone() for p in params], [x.clone() for x in momenta]
+        total = F.msam_sgd_(w, grads, m, shifts, skips, backend=backend, **hypers)
+        results.append((w, m, total))
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    (w1, m1, t1), (w2, m2, t2) = results
+    for a, b in zip(w1 + m1, w2 + m2):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+    assert torch.isfinite(t1) and t1 > 0
+    torch.testing.assert_close(t1.double(), t2.double(), rtol=max(tol, 1e-5), atol=0)
+
+
+@pytest.mark.skipif(not MSAM_FUSED, reason="no backend with msam_sgd_ runs on the CPU")
+def test_a_param_whose_momentum_this_step_does_not_update_takes_the_general_path():
+    model = _model()
+    twin = copy.deepcopy(model)
+    opts = [MSAM(m.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, momentum=0.9, backend=MSAM_FUSED[0],
+                 fuse_base_step=fuse) for m, fuse in ((model, True), (twin, False))]
+    for k, (x, y) in enumerate(_batches(4)):
+        for m, opt in zip((model, twin), opts):
+            opt.zero_grad()
+            _loss(m, x, y).backward()
+            if k == 2:
+                m[0].bias.grad = None  # this step's backward did not reach one param
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-13)

@@ -333,4 +333,4 @@ def residual_perturb_(
 # meets them for tensors a fused backend leaves to it (non-contiguous ones, a gradient of another
 # dtype); when no fused backend runs, the optimizers restore and call the base optimizer's own
 # (foreach) step instead (docs/DESIGN.md §2.11).
-from .reference import restore_adam_, restore_sgd_  # noqa: E402,F401
+from .reference import msam_sgd_, restore_adam_, restore_sgd_  # noqa: E402,F401

@@ -58,6 +58,8 @@ class NativeBackend:
             self.restore_sgd_ = None
         if not hasattr(ops, "restore_adam_"):
             self.restore_adam_ = None
+        if not hasattr(ops, "msam_sgd_"):
+            self.msam_sgd_ = None
 
     def available(self) -> tuple[bool, str]:
         if self._device_type == "cuda" and not torch.cuda.is_available():
@@ -147,6 +149,16 @@ class NativeBackend:
             _leftover(params, skipped)
             _foreach.restore_adam_(*(_pick(lst, skipped) for lst in lists),
                                    **{k: _pick(v, skipped) for k, v in hypers.items()})
+
+    def msam_sgd_(self, params, grads, momenta, shifts, skips, **hypers):
+        lists = (params, grads, momenta, shifts, skips)
+        total, skipped = self._ops.msam_sgd_(*lists, _hyper_lists("msam_sgd_", hypers))
+        parts = [] if total is None else [total]
+        if skipped:
+            _leftover(params, skipped)
+            parts.append(_foreach.msam_sgd_(*(_pick(lst, skipped) for lst in lists),
+                                            **{k: _pick(v, skipped) for k, v in hypers.items()}))
+        return _sum(parts, (), params[0].device)
 
 
 def _hyper_lists(op: str, hypers: dict) -> list[list[float]]:

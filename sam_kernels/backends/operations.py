@@ -85,6 +85,12 @@ OPERATIONS: dict[str, Operation] = {
                   doc="w ← saved − step_size·m/(√v/√(1−β₂ᵗ) + eps), torch.optim.Adam/AdamW's step taken from the "
                       "saved weights (max_exp_avg_sqs[i] untouched without amsgrad); where the 0-d bool skip "
                       "is set: w ← saved, the moments kept"),
+        Operation("msam_sgd_", ("params", "grads", "momenta"),
+                  ("lrs", "weight_decays", "momentums", "dampenings", "nesterovs", "maximizes", "fresh"),
+                  device_scalars=("shifts", "skips"), writes=("params", "momenta"), returns="sum",
+                  doc="Momentum-SAM's step with SGD (docs/DESIGN.md §2.10): w ← ŵ + c·m (c the shift, m the "
+                      "momentum before the step), then restore_sgd_'s update from that w; returns Σ m² of the "
+                      "new momenta (the next perturbation's norm); where skip is set: w ← ŵ + c·m, m kept"),
     ]
 }
 

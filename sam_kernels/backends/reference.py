@@ -349,3 +349,38 @@ def restore_adam_(
         m.copy_(torch.where(skip, m, m_new))
         v.copy_(torch.where(skip, v, v_new))
         w.copy_(torch.where(skip, w_saved, (w0 - step_sizes[k] * _acc(m_new) / denom).to(w.dtype)))
+
+
+def msam_sgd_(
+    params: Sequence[Tensor], grads: Sequence[Tensor], momenta: Sequence[Tensor], shifts: Sequence[Tensor],
+    skips: Sequence[Tensor], *, lrs: Sequence[float], weight_decays: Sequence[float], momentums: Sequence[float],
+    dampenings: Sequence[float], nesterovs: Sequence[float], maximizes: Sequence[float], fresh: Sequence[float],
+) -> Tensor:
+    """Momentum-SAM's step with SGD: the weights hold ŵ = w − c·m; with c the tensor's shift (0-d, float64)
+
+        w = ŵ + c·m            (m the momentum before the step; fresh: no momentum yet, c·m counts 0)
+        then SGD's update from w, as restore_sgd_ (m updated, rounded once)
+
+    and returns Σ m² over the new momenta (float64 when any tensor is float64, else float32), from which the
+    caller forms the next shift. Where ``skip`` is set: w ← ŵ + c·m, m kept (its Σ m² still counted).
+    """
+    total = None
+    for k, (w, g, m, shift, skip) in enumerate(zip(params, grads, momenta, shifts, skips)):
+        acc = accumulation_dtype(w.dtype)
+        w0 = _acc(w) if fresh[k] else _acc(w) + shift.to(acc) * _acc(m)
+        d = -g.to(acc) if maximizes[k] else g.to(acc)
+        if weight_decays[k] != 0:
+            d = d + weight_decays[k] * w0
+        mu = momentums[k]
+        m_new = d if fresh[k] else mu * _acc(m) + (1 - dampenings[k]) * d
+        m_new = torch.where(skip, m, m_new.to(m.dtype))
+        m.copy_(m_new)
+        d = d + mu * _acc(m_new) if nesterovs[k] else _acc(m_new)
+        w.copy_(torch.where(skip, w0.to(w.dtype), (w0 - lrs[k] * d).to(w.dtype)))
+        part = (_acc(m_new) ** 2).sum()
+        total = part if total is None else (total.to(torch.float64) + part.to(torch.float64)
+                                            if part.dtype == torch.float64 or total.dtype == torch.float64
+                                            else total + part)
+    if total is None:
+        return torch.zeros((), dtype=torch.float32)
+    return total

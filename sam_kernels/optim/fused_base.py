@@ -53,8 +53,10 @@ def _group_reason(kind: str, group: dict) -> str | None:
     return None
 
 
-def why_not_fused(opt: "SharpnessAwareOptimizer", device: torch.device | None) -> str | None:
-    """None when ``opt``'s second step fuses on ``device``; else the reason it restores and calls the base step."""
+def why_not_fused(opt: "SharpnessAwareOptimizer", device: torch.device | None,
+                  operation: str | None = None) -> str | None:
+    """None when ``opt``'s second step fuses on ``device``; else the reason it restores and calls the base step.
+    ``operation``: the fused operation the caller needs (default: the base optimizer's restore_*_)."""
     if not opt._fuse_base_step:
         return "fuse_base_step=False"
     if not type(opt)._fusable_base_step:
@@ -75,8 +77,9 @@ def why_not_fused(opt: "SharpnessAwareOptimizer", device: torch.device | None) -
         impl = resolve_backend(opt._backend, device)
     except (RuntimeError, ValueError) as exc:
         return str(exc)
-    if not getattr(impl, "FUSES_BASE_STEP", False) or getattr(impl, _OPERATION[kind], None) is None:
-        return f"backend {getattr(impl, 'NAME', impl)!r} has no fused {kind.upper()} step"
+    operation = operation or _OPERATION[kind]
+    if not getattr(impl, "FUSES_BASE_STEP", False) or getattr(impl, operation, None) is None:
+        return f"backend {getattr(impl, 'NAME', impl)!r} has no fused {kind.upper()} step ({operation})"
     return None
 
 

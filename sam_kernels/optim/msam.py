@@ -10,9 +10,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import hooks
+from .. import functional as F
+from . import fused_base, hooks
 from .amp import unscale_for_grad_scaler
 from .base import SharpnessAwareOptimizer
+from .plan import StepPlan
 
 # The base optimizers MSAM knows the momentum of, and the state key that holds it.
 _MOMENTUM_KEY = {torch.optim.SGD: "momentum_buffer", torch.optim.Adam: "exp_avg", torch.optim.AdamW: "exp_avg"}
@@ -98,15 +100,81 @@ class MSAM(SharpnessAwareOptimizer):
         plan = self._plan()
         if plan.sharded:
             raise NotImplementedError("MSAM does not support sharded (DTensor) parameters yet")
-        self._shift(plan, +1)  # w ← ŵ + c·v
-        self._moved, self._coefs = [], None
-        with hooks.global_hooks_silenced():
-            if unscale_for_grad_scaler(self):
-                self.base_optimizer.step()
+        runs = unscale_for_grad_scaler(self)  # a GradScaler called step(): unscaled, and False on overflow
+        if not (runs and self._fused_step(plan)):
+            self._shift(plan, +1)  # w ← ŵ + c·v
+            self._moved, self._coefs = [], None
+            if runs:
+                with hooks.global_hooks_silenced():
+                    self.base_optimizer.step()
+            self._perturb(plan)  # ŵ ← w − c·v, with the new v
         self._opt_called = True
-        self._perturb(plan)  # ŵ ← w − c·v, with the new v
         hooks.fire_post_hooks(self, args, kwargs)
         return loss
+
+    def _fused_step(self, plan) -> bool:
+        """Steps 1 and 2 in one pass per dtype bucket (``msam_sgd_``: the undo, SGD's update and Σ v²), then
+        step 3's shift; False (nothing touched) where the configuration does not fuse (docs/DESIGN.md §2.10)."""
+        if self._momentum_key != "momentum_buffer":
+            return False
+        device = StepPlan.device_of(self.param_groups)
+        if fused_base.why_not_fused(self, device, operation="msam_sgd_") is not None:
+            return False
+        state, groups = self.base_optimizer.state, self.param_groups
+        moved = set(self._moved)
+        zero = self._no_shift(device)
+        per_group = list(self._coefs.unbind()) if self._coefs is not None else []
+        indices, params, grads, momenta, shifts, fresh, owners = [], [], [], [], [], [], []
+        for i, param in enumerate(plan.params):
+            entry = state.get(param)
+            buffer = entry.get("momentum_buffer") if entry else None
+            grad = param.grad
+            if grad is None:
+                if buffer is not None or i in moved:
+                    return False  # a momentum that this step does not update: the general path
+                continue
+            if buffer is not None and buffer.shape != grad.shape:
+                return False
+            indices.append(i)
+            params.append(param)
+            grads.append(grad)
+            owners.append(groups[plan.group_of[i]])
+            shifts.append(per_group[plan.group_of[i]] if i in moved else zero)
+            fresh.append(0.0 if buffer is not None else 1.0)
+            momenta.append(buffer)
+        if not params:
+            return False
+        for k, param in enumerate(params):
+            if momenta[k] is None:  # torch creates the buffer in the step (m = d): the pass writes it
+                momenta[k] = state[param]["momentum_buffer"] = torch.empty_like(
+                    grads[k], memory_format=torch.preserve_format)
+        with torch.no_grad():
+            sq_sum = F.msam_sgd_(
+                params, grads, momenta, shifts, [self._no_skip(device)] * len(params),
+                lrs=[g["lr"] for g in owners], weight_decays=[g["weight_decay"] for g in owners],
+                momentums=[g["momentum"] for g in owners], dampenings=[g["dampening"] for g in owners],
+                nesterovs=[float(g["nesterov"]) for g in owners], maximizes=[float(g["maximize"]) for g in owners],
+                fresh=fresh, backend=self._backend)
+        self.base_optimizer._opt_called = True
+        norm = sq_sum.to(torch.float64).sqrt()
+        rhos = torch.tensor(self._group_values("rho"), dtype=torch.float64, device=device)
+        coefs = rhos / (norm + 1e-12)
+        self._coefs = torch.where(torch.isfinite(coefs), coefs, torch.zeros_like(coefs))
+        self._moved = indices
+        self._shift(plan, -1)
+        return True
+
+    def _why_not_fused(self) -> str | None:
+        """Why MSAM's undo and base step do not run as one pass now (None: they do; see ``base_step_fused``)."""
+        if self._momentum_key != "momentum_buffer":
+            return "MSAM fuses its step with SGD only (Adam/AdamW: the shift, torch's step and the shift)"
+        return fused_base.why_not_fused(self, StepPlan.device_of(self.param_groups), operation="msam_sgd_")
+
+    def _no_shift(self, device: torch.device) -> Tensor:
+        cached = getattr(self, "_zero_shift", None)
+        if cached is None or cached.device != device:
+            cached = self._zero_shift = torch.zeros((), dtype=torch.float64, device=device)
+        return cached
 
     def _momenta(self, plan) -> tuple[list[int], list[Tensor]]:
         state, key = self.state, self._momentum_key
