@@ -38,6 +38,8 @@ struct CudaOps {
   static constexpr auto noise_grad_sums = &sam_cuda::noise_grad_sums;
   static constexpr auto mix_perturb_ = &sam_cuda::mix_perturb_;
   static constexpr auto standard_normal = &sam_cuda::standard_normal;
+  static constexpr auto restore_sgd_ = &sam_cuda::restore_sgd_;
+  static constexpr auto restore_adam_ = &sam_cuda::restore_adam_;
 };
 #endif
 
@@ -95,6 +97,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("HAS_CUDA") = true;
   auto cuda = m.def_submodule("cuda", "operations on CUDA tensors of one device (backend='cuda')");
   bind_operations<CudaOps>(cuda);
+  bind_fused_step<CudaOps>(cuda);
 #else
   m.attr("HAS_CUDA") = false;
 #endif

@@ -15,6 +15,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <array>
 #include <cmath>
 #include <unordered_map>
 
@@ -31,9 +32,6 @@ __device__ __forceinline__ A abs_of(A x) {
   return x < A(0) ? -x : x;
 }
 
-__device__ __forceinline__ float sqrt_of(float x) { return sqrtf(x); }
-__device__ __forceinline__ double sqrt_of(double x) { return sqrt(x); }
-
 // Filter (row) of element i of a tensor with `fsize` elements per filter; 32-bit division when it fits.
 __device__ __forceinline__ int64_t row_of(int64_t i, int64_t fsize) {
   if (i <= INT32_MAX && fsize <= INT32_MAX) return static_cast<int32_t>(i) / static_cast<int32_t>(fsize);
@@ -46,8 +44,8 @@ struct BlockWork {
   int64_t begin, end;
 };
 
-template <int NPTR>
-__device__ __forceinline__ BlockWork block_work(const TensorList<NPTR>& m) {
+template <typename List>  // TensorList or PayloadList
+__device__ __forceinline__ BlockWork block_work(const List& m) {
   const int t = tensor_of_block(m, static_cast<int32_t>(blockIdx.x));
   const int64_t begin = static_cast<int64_t>(static_cast<int32_t>(blockIdx.x) - m.first_block[t]) * kChunk;
   const int64_t end = begin + kChunk < m.numel[t] ? begin + kChunk : m.numel[t];
@@ -297,6 +295,142 @@ __global__ void __launch_bounds__(kThreads)
     }
     store<VEC>(w, i, n, vec, out);
   });
+}
+
+// ------------------------------------------------- the fused second step (docs/DESIGN.md §2.11)
+// restore_sgd_ / restore_adam_: w <- saved, then torch.optim.SGD's / Adam(W)'s update, in one pass. The
+// per-tensor payload carries the coefficients (sam_math.h's SgdCoefs/AdamCoefs, formed on the host in the
+// accumulation dtype), which optional state the tensor has, and its skip flag: a device bool read here,
+// by every block of the tensor, so no step waits on the host and a captured graph replays the read.
+// Where it is set: w <- saved, the state untouched. A state that is off (no momentum, no amsgrad) has a
+// null pointer and is never read (the list the caller passed there is a placeholder).
+template <typename A>
+struct SgdTensor {
+  sam::SgdCoefs<A> c;
+  const bool* skip;
+  bool momentum;  // pointer 3, the momentum buffer, is read (unless fresh) and written
+};
+
+template <typename A>
+struct AdamTensor {
+  sam::AdamCoefs<A> c;
+  const bool* skip;
+  int decay;     // sam::AdamDecay: none, L2 on the gradient (Adam) or decoupled (AdamW)
+  bool amsgrad;  // pointer 5, max_exp_avg_sq, is read and written
+};
+
+template <typename A>
+using SgdList = PayloadList<4, SgdTensor<A>>;  // pointers: w, saved, g, momentum buffer
+template <typename A>
+using AdamList = PayloadList<6, AdamTensor<A>>;  // pointers: w, saved, g, exp_avg, exp_avg_sq, max_exp_avg_sq
+
+// A skipped step still ends the SAM step: w <- saved, bit-exactly (nothing to do where they alias).
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void restore_range(scalar_t* w, const scalar_t* saved, int64_t begin, int64_t end,
+                                              bool vec) {
+  if (w == saved) return;
+  for_each_group<VEC>(begin, end, [&](int64_t i, int n) {
+    scalar_t raw[VEC];
+    load<VEC>(saved, i, n, vec, raw);
+    store<VEC>(w, i, n, vec, raw);
+  });
+}
+
+template <bool kMomentum, int VEC, typename scalar_t, typename A>
+__device__ __forceinline__ void sgd_range(scalar_t* w, const scalar_t* saved, const scalar_t* g, scalar_t* mom,
+                                          int64_t begin, int64_t end, bool vec, const sam::SgdCoefs<A>& c) {
+  const bool read_m = kMomentum && !c.fresh;  // a fresh buffer is written (m <- d), never read
+  for_each_group<VEC>(begin, end, [&](int64_t i, int n) {
+    A sv[VEC], gv[VEC], out[VEC];
+    scalar_t mv[VEC] = {};
+    load<VEC>(saved, i, n, vec, sv);
+    load<VEC>(g, i, n, vec, gv);
+    if (read_m) load<VEC>(mom, i, n, vec, mv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = sam::sgd_update<kMomentum, A, scalar_t>(sv[k], gv[k], mv[k], c);
+    store<VEC>(w, i, n, vec, out);
+    if (kMomentum) store<VEC>(mom, i, n, vec, mv);
+  });
+}
+
+template <int kDecay, bool kAmsgrad, int VEC, typename scalar_t, typename A>
+__device__ __forceinline__ void adam_range(scalar_t* w, const scalar_t* saved, const scalar_t* g, scalar_t* exp_avg,
+                                           scalar_t* exp_avg_sq, scalar_t* max_exp_avg_sq, int64_t begin,
+                                           int64_t end, bool vec, const sam::AdamCoefs<A>& c) {
+  for_each_group<VEC>(begin, end, [&](int64_t i, int n) {
+    A sv[VEC], gv[VEC], out[VEC];
+    scalar_t mv[VEC], vv[VEC], xv[VEC] = {};
+    load<VEC>(saved, i, n, vec, sv);
+    load<VEC>(g, i, n, vec, gv);
+    load<VEC>(exp_avg, i, n, vec, mv);
+    load<VEC>(exp_avg_sq, i, n, vec, vv);
+    if (kAmsgrad) load<VEC>(max_exp_avg_sq, i, n, vec, xv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k)
+      out[k] = sam::adam_update<kDecay, kAmsgrad, A, scalar_t>(sv[k], gv[k], mv[k], vv[k], kAmsgrad ? &xv[k] : nullptr,
+                                                              c);
+    store<VEC>(w, i, n, vec, out);
+    store<VEC>(exp_avg, i, n, vec, mv);
+    store<VEC>(exp_avg_sq, i, n, vec, vv);
+    if (kAmsgrad) store<VEC>(max_exp_avg_sq, i, n, vec, xv);
+  });
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    restore_sgd_kernel(const __grid_constant__ SgdList<at::opmath_type<scalar_t>> m) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  const SgdTensor<A>& p = m.payload[b.t];
+  auto* w = static_cast<scalar_t*>(m.ptr[0][b.t]);
+  const auto* saved = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  const bool vec = m.vec_ok[b.t];
+  if (*p.skip) {  // one flag per tensor: the whole block takes the same branch
+    restore_range<VEC>(w, saved, b.begin, b.end, vec);
+    return;
+  }
+  const auto* g = static_cast<const scalar_t*>(m.ptr[2][b.t]);
+  auto* mom = static_cast<scalar_t*>(m.ptr[3][b.t]);
+  const sam::SgdCoefs<A> c = p.c;
+  if (p.momentum)
+    sgd_range<true, VEC>(w, saved, g, mom, b.begin, b.end, vec, c);
+  else
+    sgd_range<false, VEC>(w, saved, g, mom, b.begin, b.end, vec, c);
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    restore_adam_kernel(const __grid_constant__ AdamList<at::opmath_type<scalar_t>> m) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  const AdamTensor<A>& p = m.payload[b.t];
+  auto* w = static_cast<scalar_t*>(m.ptr[0][b.t]);
+  const auto* saved = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  const bool vec = m.vec_ok[b.t];
+  if (*p.skip) {
+    restore_range<VEC>(w, saved, b.begin, b.end, vec);
+    return;
+  }
+  const auto* g = static_cast<const scalar_t*>(m.ptr[2][b.t]);
+  auto* exp_avg = static_cast<scalar_t*>(m.ptr[3][b.t]);
+  auto* exp_avg_sq = static_cast<scalar_t*>(m.ptr[4][b.t]);
+  auto* max_exp_avg_sq = static_cast<scalar_t*>(m.ptr[5][b.t]);
+  const sam::AdamCoefs<A> c = p.c;
+  // The tensor's options as template arguments (the same for the whole block: no divergence).
+#define SAM_ADAM_RANGE(DECAY, AMSGRAD) \
+  adam_range<DECAY, AMSGRAD, VEC>(w, saved, g, exp_avg, exp_avg_sq, max_exp_avg_sq, b.begin, b.end, vec, c)
+  if (p.amsgrad) {
+    if (p.decay == sam::kNoDecay) SAM_ADAM_RANGE(sam::kNoDecay, true);
+    else if (p.decay == sam::kCoupledDecay) SAM_ADAM_RANGE(sam::kCoupledDecay, true);
+    else SAM_ADAM_RANGE(sam::kDecoupledDecay, true);
+  } else {
+    if (p.decay == sam::kNoDecay) SAM_ADAM_RANGE(sam::kNoDecay, false);
+    else if (p.decay == sam::kCoupledDecay) SAM_ADAM_RANGE(sam::kCoupledDecay, false);
+    else SAM_ADAM_RANGE(sam::kDecoupledDecay, false);
+  }
+#undef SAM_ADAM_RANGE
 }
 
 // out[k] = sum over slots of partials[slot * W + k], in a fixed order (one block).
@@ -647,6 +781,138 @@ void mix_perturb_(const std::vector<at::Tensor>& params, const std::vector<at::T
     const A* fnorms = norms.buffer.data_ptr<A>();
     launch_lists<3>(entries, [&](const TensorList<3>& meta, int64_t blocks) {
       mix_perturb_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta, base, fnorms);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+namespace {
+
+// The fused second step's skip flags: one-element tensors of the weights' device, each given to the kernel
+// as a device bool (never read here: no step waits on the device). Tensors sharing a flag share it; a flag
+// of another dtype is converted on the device (non-zero: skip).
+class SkipFlags {
+ public:
+  explicit SkipFlags(const at::Tensor& like) : device_(like.device()) {}
+  const bool* operator()(const at::Tensor& s) {
+    TORCH_CHECK(s.defined() && s.numel() == 1 && s.device() == device_,
+                "sam_kernels cuda: every skip flag must be a one-element tensor on ", device_);
+    auto it = flags_.find(s.unsafeGetTensorImpl());
+    if (it == flags_.end())
+      it = flags_.emplace(s.unsafeGetTensorImpl(), s.scalar_type() == at::kBool ? s : s.ne(0)).first;
+    return it->second.data_ptr<bool>();
+  }
+
+ private:
+  at::Device device_;
+  std::unordered_map<const c10::TensorImpl*, at::Tensor> flags_;
+};
+
+// A state or other buffer of weight w: a contiguous CUDA tensor of w's device, dtype and size.
+void check_like(const at::Tensor& t, const at::Tensor& w, const char* what) {
+  TORCH_CHECK(t.defined() && t.is_cuda() && t.device() == w.device() && t.is_contiguous() &&
+                  t.scalar_type() == w.scalar_type() && t.numel() == w.numel(),
+              "sam_kernels cuda: every ", what, " must be a contiguous CUDA tensor of its weight's device, dtype ",
+              "and size");
+}
+
+// Tensor j's hyperparameters, in declaration order (sam::SgdHyper, sam::AdamHyper).
+template <int kCount>
+std::array<double, kCount> hypers_of(const std::vector<std::vector<double>>& hypers, size_t j) {
+  std::array<double, kCount> h{};
+  for (int k = 0; k < kCount; ++k) h[k] = hypers[k][j];
+  return h;
+}
+
+void check_hypers(const std::vector<std::vector<double>>& hypers, int count, size_t tensors) {
+  TORCH_CHECK(static_cast<int>(hypers.size()) == count, "sam_kernels cuda: expected ", count,
+              " hyperparameter lists, got ", hypers.size());
+  for (const auto& list : hypers)
+    TORCH_CHECK(list.size() == tensors, "sam_kernels cuda: one value per tensor expected in every hyperparameter ",
+                "list (", list.size(), " for ", tensors, " tensors)");
+}
+
+}  // namespace
+
+void restore_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& saved,
+                  const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& momenta,
+                  const std::vector<at::Tensor>& skips, const std::vector<std::vector<double>>& hypers) {
+  if (params.empty()) return;
+  const at::Tensor& like = params.front();
+  const c10::cuda::CUDAGuard guard(like.device());
+  const size_t count = params.size();
+  check_list(params, like, "weight", count);
+  check_list(saved, like, "saved copy", count);
+  check_list(grads, like, "gradient", count);
+  TORCH_CHECK(momenta.size() == count && skips.size() == count,
+              "sam_kernels cuda: one momentum buffer and one skip flag per tensor expected");
+  check_hypers(hypers, sam::kSgdHypers, count);
+  SkipFlags flags(like);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "sam_restore_sgd", [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::vector<PayloadEntry<4, SgdTensor<A>>> entries;
+    for (size_t j = 0; j < count; ++j) {
+      const at::Tensor& w = params[j];
+      check_like(saved[j], w, "saved copy");
+      check_like(grads[j], w, "gradient");
+      const auto h = hypers_of<sam::kSgdHypers>(hypers, j);
+      const bool momentum = h[sam::kSgdMomentum] != 0;
+      if (momentum) check_like(momenta[j], w, "momentum buffer");  // else a placeholder: not looked at
+      const bool* skip = flags(skips[j]);
+      if (!w.numel()) continue;
+      PayloadEntry<4, SgdTensor<A>> e;
+      e.ptr = {w.data_ptr(), saved[j].data_ptr(), grads[j].data_ptr(), momentum ? momenta[j].data_ptr() : nullptr};
+      e.numel = w.numel();
+      e.payload = {sam::sgd_coefs<A>(h.data()), skip, momentum};
+      entries.push_back(e);
+    }
+    launch_payload_lists(entries, [&](const SgdList<A>& meta, int64_t blocks) {
+      restore_sgd_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void restore_adam_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& saved,
+                   const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& exp_avgs,
+                   const std::vector<at::Tensor>& exp_avg_sqs, const std::vector<at::Tensor>& max_exp_avg_sqs,
+                   const std::vector<at::Tensor>& skips, const std::vector<std::vector<double>>& hypers) {
+  if (params.empty()) return;
+  const at::Tensor& like = params.front();
+  const c10::cuda::CUDAGuard guard(like.device());
+  const size_t count = params.size();
+  check_list(params, like, "weight", count);
+  check_list(saved, like, "saved copy", count);
+  check_list(grads, like, "gradient", count);
+  check_list(exp_avgs, like, "exp_avg", count);
+  check_list(exp_avg_sqs, like, "exp_avg_sq", count);
+  TORCH_CHECK(max_exp_avg_sqs.size() == count && skips.size() == count,
+              "sam_kernels cuda: one max_exp_avg_sq and one skip flag per tensor expected");
+  check_hypers(hypers, sam::kAdamHypers, count);
+  SkipFlags flags(like);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "sam_restore_adam", [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::vector<PayloadEntry<6, AdamTensor<A>>> entries;
+    for (size_t j = 0; j < count; ++j) {
+      const at::Tensor& w = params[j];
+      check_like(saved[j], w, "saved copy");
+      check_like(grads[j], w, "gradient");
+      check_like(exp_avgs[j], w, "exp_avg");
+      check_like(exp_avg_sqs[j], w, "exp_avg_sq");
+      const auto h = hypers_of<sam::kAdamHypers>(hypers, j);
+      const bool amsgrad = h[sam::kAdamAmsgrad] != 0;
+      if (amsgrad) check_like(max_exp_avg_sqs[j], w, "max_exp_avg_sq");  // else a placeholder: not looked at
+      const bool* skip = flags(skips[j]);
+      if (!w.numel()) continue;
+      PayloadEntry<6, AdamTensor<A>> e;
+      e.ptr = {w.data_ptr(),        saved[j].data_ptr(),       grads[j].data_ptr(),
+               exp_avgs[j].data_ptr(), exp_avg_sqs[j].data_ptr(), amsgrad ? max_exp_avg_sqs[j].data_ptr() : nullptr};
+      e.numel = w.numel();
+      e.payload = {sam::adam_coefs<A>(h.data()), skip, sam::adam_decay_kind(h.data()), amsgrad};
+      entries.push_back(e);
+    }
+    launch_payload_lists(entries, [&](const AdamList<A>& meta, int64_t blocks) {
+      restore_adam_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

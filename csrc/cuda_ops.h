@@ -1,4 +1,5 @@
-// CUDA operations of the native extension (cuda_ops.cu), backend="cuda".
+// CUDA operations of the native extension (cuda_ops.cu), backend="cuda": the operations of operations.inc
+// and the fused second step of fused_step_ops.inc.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,5 +10,6 @@
 namespace sam_cuda {
 
 #include "operations.inc"
+#include "fused_step_ops.inc"
 
 }  // namespace sam_cuda

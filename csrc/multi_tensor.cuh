@@ -106,11 +106,77 @@ int64_t launch_lists(const std::vector<TensorEntry>& entries, Launch&& launch) {
   return total;
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Passes whose per-tensor data does not fit TensorList (more pointers, a struct of hyperparameters and
+// device flags per tensor): the kernel's functor reads a per-tensor payload P of its own. A launch holds
+// as many tensors as keep the argument under 4 KiB (at most kMaxTensors); each tensor is cut into chunks
+// of kChunk elements, and block b finds its tensor as in TensorList.
+template <int NPTR, typename P>
+struct PayloadList {
+  static constexpr int kPerTensor = static_cast<int>(NPTR * sizeof(void*) + sizeof(int64_t) + sizeof(P) +
+                                                     sizeof(int32_t) + sizeof(bool));
+  static constexpr int kCapacity = (4096 - 64) / kPerTensor < kMaxTensors ? (4096 - 64) / kPerTensor : kMaxTensors;
+  static_assert(kCapacity >= 1, "per-tensor payload too large for one kernel argument");
+
+  void* ptr[NPTR][kCapacity];
+  int64_t numel[kCapacity];
+  P payload[kCapacity];
+  int32_t first_block[kCapacity + 1];  // tensor t owns blocks [first_block[t], first_block[t + 1])
+  bool vec_ok[kCapacity];              // every non-null pointer of tensor t is 16-byte aligned
+  int32_t count;
+};
+
+// Host-side description of one tensor of a payload pass. A pointer the pass does not use for this tensor
+// (a state the tensor's options turn off) is null: it is never read, and does not spoil vec_ok.
+template <int NPTR, typename P>
+struct PayloadEntry {
+  std::array<void*, NPTR> ptr{};
+  int64_t numel = 0;
+  P payload{};
+};
+
+// Packs the entries into launches of PayloadList<NPTR, P> and calls launch(meta, blocks) for each;
+// returns the total blocks.
+template <int NPTR, typename P, typename Launch>
+int64_t launch_payload_lists(const std::vector<PayloadEntry<NPTR, P>>& entries, Launch&& launch) {
+  using List = PayloadList<NPTR, P>;
+  static_assert(sizeof(List) <= 4096, "kernel argument over 4 KiB");
+  List meta{};
+  int64_t blocks = 0, total = 0;
+  auto flush = [&] {
+    if (!meta.count) return;
+    meta.first_block[meta.count] = static_cast<int32_t>(blocks);
+    launch(meta, blocks);
+    total += blocks;
+    blocks = 0;
+    meta = List{};
+  };
+  for (const auto& e : entries) {
+    const int64_t units = ceil_div(e.numel, kChunk);
+    if (units <= 0) continue;
+    TORCH_CHECK(units < std::numeric_limits<int32_t>::max(), "sam_kernels cuda: tensor too large");
+    if (meta.count == List::kCapacity || blocks + units >= std::numeric_limits<int32_t>::max()) flush();
+    const int t = meta.count++;
+    bool vec_ok = true;
+    for (int k = 0; k < NPTR; ++k) {
+      meta.ptr[k][t] = e.ptr[k];
+      vec_ok = vec_ok && aligned16(e.ptr[k]);  // a null pointer is aligned
+    }
+    meta.vec_ok[t] = vec_ok;
+    meta.numel[t] = e.numel;
+    meta.payload[t] = e.payload;
+    meta.first_block[t] = static_cast<int32_t>(blocks);
+    blocks += units;
+  }
+  flush();
+  return total;
+}
+
 #if defined(__CUDACC__)
 
-// The tensor that block `block` works on: the last t with first_block[t] <= block.
-template <int NPTR>
-__device__ __forceinline__ int tensor_of_block(const TensorList<NPTR>& m, int32_t block) {
+// The tensor that block `block` works on: the last t with first_block[t] <= block (TensorList, PayloadList).
+template <typename List>
+__device__ __forceinline__ int tensor_of_block(const List& m, int32_t block) {
   int lo = 0, hi = m.count - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;

@@ -119,3 +119,261 @@ def test_kernels_run_on_the_tensors_device_not_the_current_one(backend):
     ref.first_step()
     for p, r in zip(params, reference):
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------- the fused second step: restore_sgd_ / restore_adam_
+# Every GPU backend's pass against the reference's on random inputs: every float dtype, the skip flag set,
+# unset and different per tensor, per-tensor options mixed in one list (momentum on/off with the gradient
+# as the placeholder, fresh buffers, nesterov, maximize, weight decay; amsgrad on/off, Adam/AdamW decay),
+# tensors spanning several chunks, a weight restored from itself, a list longer than one launch and
+# tensors that are not 16-byte aligned (the scalar path).
+from sam_kernels import functional as F  # noqa: E402
+from helpers import FLOAT_DTYPES  # noqa: E402
+
+_FUSED_REL = {torch.float64: 1e-12, torch.float32: 4e-6, torch.bfloat16: 2**-7, torch.float16: 2**-9}
+_FUSED_SHAPES = [(64, 3, 7, 7), (64,), (300, 70), (7, 1, 5), (1,), (), (0, 5), (16385,), (33,)]
+
+
+def _unaligned(shape, dtype):
+    """A contiguous tensor whose data starts one element into its storage (not 16-byte aligned)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.empty(n + 1, device="cuda", dtype=dtype)[1:].view(shape)
+
+
+def _fused_shapes(many):
+    shapes = list(_FUSED_SHAPES)
+    return shapes + [(5, 9)] * 34 if many else shapes  # 43 tensors: more than one launch
+
+
+def _random_like(shape, dtype, unaligned, scale=1.0, positive=False):
+    t = _unaligned(shape, dtype) if unaligned else torch.empty(shape, device="cuda", dtype=dtype)
+    values = torch.rand(shape, device="cuda", dtype=torch.float64) * 0.9 + 0.1 if positive else \
+        torch.randn(shape, device="cuda", dtype=torch.float64)
+    t.copy_(values * scale)
+    return t
+
+
+def _assert_state_close(actual, expected, before, grad, dtype, what):
+    """|actual − expected| ≤ rel·(|expected| + |before| + |expected − before| + |g| + g²) elementwise: a
+    fused kernel may round its float32/float64 intermediates differently (FMA) from the reference's
+    separate operations, so the written value may differ by an ulp or two of the dtype."""
+    a, e, b, g = (x.double() for x in (actual, expected, before, grad))
+    assert torch.isfinite(a).all(), f"{what}: non-finite values"
+    bound = _FUSED_REL[dtype] * (e.abs() + b.abs() + (e - b).abs() + g.abs() + g * g) + 1e-30
+    excess = (a - e).abs() - bound
+    assert (excess <= 0).all(), f"{what}: max excess {float(excess.max()):.3g} over the {dtype} tolerance"
+
+
+def _skip_lists(skip, count):
+    if skip == "mixed":  # two device flags, alternating: set on odd positions
+        on, off = torch.ones((), dtype=torch.bool, device="cuda"), torch.zeros((), dtype=torch.bool, device="cuda")
+        return [on if j % 2 else off for j in range(count)]
+    flag = torch.tensor(skip == "set", device="cuda")
+    return [flag] * count
+
+
+def _sgd_case(dtype, skip, many, seed):
+    gen = torch.Generator().manual_seed(seed)
+    pick = lambda *options: options[int(torch.randint(len(options), (), generator=gen))]  # noqa: E731
+    shapes = _fused_shapes(many)
+    params, saved, grads, momenta, hypers = [], [], [], [], {k: [] for k in (
+        "lrs", "weight_decays", "momentums", "dampenings", "nesterovs", "maximizes", "fresh")}
+    for j, shape in enumerate(shapes):
+        unaligned = j % 5 == 3
+        w = _random_like(shape, dtype, unaligned)
+        g = _random_like(shape, dtype, unaligned)
+        s = w if j == 1 else _random_like(shape, dtype, unaligned)  # j = 1: restored from itself
+        momentum = pick(0.0, 0.9, 0.5) if j != 0 else 0.9
+        fresh = float(momentum != 0 and pick(True, False))
+        m = g if momentum == 0 else _random_like(shape, dtype, unaligned, scale=0.5)  # placeholder: the gradient
+        params.append(w), saved.append(s), grads.append(g), momenta.append(m)
+        hypers["lrs"].append(pick(0.1, 0.03))
+        hypers["weight_decays"].append(pick(0.0, 0.01))
+        hypers["momentums"].append(momentum)
+        hypers["dampenings"].append(pick(0.0, 0.1))
+        hypers["nesterovs"].append(float(momentum != 0 and pick(True, False)))
+        hypers["maximizes"].append(float(pick(True, False)))
+        hypers["fresh"].append(fresh)
+    return params, saved, grads, momenta, _skip_lists(skip, len(shapes)), hypers
+
+
+def _clone(tensors):
+    """Clones keeping aliasing between lists (a saved copy that is its weight, a placeholder gradient)."""
+    return [t.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("skip", ["unset", "set", "mixed"])
+@pytest.mark.parametrize("many", [False, True], ids=["one_launch", "many_tensors"])
+def test_restore_sgd_matches_the_reference(backend, dtype, skip, many):
+    params, saved, grads, momenta, skips, hypers = _sgd_case(dtype, skip, many, seed=1 + FLOAT_DTYPES.index(dtype))
+    aliased = [s is w for w, s in zip(params, saved)]
+    placeholder = [m is g for m, g in zip(momenta, grads)]
+
+    def copies():
+        ws = _clone(params)
+        ss = [w if a else s.clone() for w, s, a in zip(ws, saved, aliased)]
+        gs = _clone(grads)
+        ms = [g if p else m.clone() for g, m, p in zip(gs, momenta, placeholder)]
+        return ws, ss, gs, ms
+
+    ref, out = copies(), copies()
+    F.restore_sgd_(*ref, skips, **hypers, backend="reference")
+    F.restore_sgd_(*out, skips, **hypers, backend=backend)
+    torch.cuda.synchronize()
+    for j, flag in enumerate(skips):
+        w_before, m_before, g = saved[j], momenta[j], grads[j]
+        if bool(flag):  # w <- saved bit-exactly, the buffer untouched
+            assert torch.equal(out[0][j], w_before), f"tensor {j}: skipped weight not restored"
+            if not placeholder[j]:
+                assert torch.equal(out[3][j], m_before), f"tensor {j}: skipped momentum buffer written"
+        else:
+            _assert_state_close(out[0][j], ref[0][j], w_before, g, dtype, f"weight {j}")
+            if not placeholder[j]:
+                _assert_state_close(out[3][j], ref[3][j], m_before, g, dtype, f"momentum buffer {j}")
+        assert torch.equal(out[2][j], grads[j]), f"tensor {j}: gradient (or its placeholder use) written"
+
+
+def _adam_case(dtype, skip, many, seed):
+    gen = torch.Generator().manual_seed(seed)
+    pick = lambda *options: options[int(torch.randint(len(options), (), generator=gen))]  # noqa: E731
+    shapes = _fused_shapes(many)
+    lists = {k: [] for k in ("params", "saved", "grads", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs")}
+    hypers = {k: [] for k in ("lrs", "beta1s", "beta2s", "epss", "weight_decays", "decoupled", "amsgrads",
+                              "maximizes", "step_sizes", "bias_correction2_sqrts")}
+    for j, shape in enumerate(shapes):
+        unaligned = j % 5 == 3
+        w = _random_like(shape, dtype, unaligned)
+        g = _random_like(shape, dtype, unaligned)
+        s = w if j == 1 else _random_like(shape, dtype, unaligned)
+        m = _random_like(shape, dtype, unaligned, scale=0.1)
+        v = _random_like(shape, dtype, unaligned, scale=0.1, positive=True)
+        amsgrad = pick(True, False) if j != 0 else True
+        vmax = _random_like(shape, dtype, unaligned, scale=0.1, positive=True) if amsgrad else v  # placeholder
+        for name, t in zip(lists, (w, s, g, m, v, vmax)):
+            lists[name].append(t)
+        lr, beta1, beta2, step = pick(1e-3, 1e-2), pick(0.9, 0.8), pick(0.999, 0.99), pick(1, 2, 10)
+        hypers["lrs"].append(lr)
+        hypers["beta1s"].append(beta1)
+        hypers["beta2s"].append(beta2)
+        hypers["epss"].append(pick(1e-8, 1e-6))
+        hypers["weight_decays"].append(pick(0.0, 0.01, 0.1))
+        hypers["decoupled"].append(float(pick(True, False)))
+        hypers["amsgrads"].append(float(amsgrad))
+        hypers["maximizes"].append(float(pick(True, False)))
+        hypers["step_sizes"].append(lr / (1 - beta1**step))
+        hypers["bias_correction2_sqrts"].append((1 - beta2**step) ** 0.5)
+    return lists, _skip_lists(skip, len(shapes)), hypers
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("skip", ["unset", "set", "mixed"])
+@pytest.mark.parametrize("many", [False, True], ids=["one_launch", "many_tensors"])
+def test_restore_adam_matches_the_reference(backend, dtype, skip, many):
+    lists, skips, hypers = _adam_case(dtype, skip, many, seed=11 + FLOAT_DTYPES.index(dtype))
+    aliased = [s is w for w, s in zip(lists["params"], lists["saved"])]
+    placeholder = [x is v for x, v in zip(lists["max_exp_avg_sqs"], lists["exp_avg_sqs"])]
+
+    def copies():
+        ws, gs, ms, vs = (_clone(lists[k]) for k in ("params", "grads", "exp_avgs", "exp_avg_sqs"))
+        ss = [w if a else s.clone() for w, s, a in zip(ws, lists["saved"], aliased)]
+        xs = [v if p else x.clone() for v, x, p in zip(vs, lists["max_exp_avg_sqs"], placeholder)]
+        return ws, ss, gs, ms, vs, xs
+
+    ref, out = copies(), copies()
+    F.restore_adam_(*ref, skips, **hypers, backend="reference")
+    F.restore_adam_(*out, skips, **hypers, backend=backend)
+    torch.cuda.synchronize()
+    names = ("weight", None, "gradient", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    befores = [lists["saved"], None, lists["grads"], lists["exp_avgs"], lists["exp_avg_sqs"], lists["max_exp_avg_sqs"]]
+    for j, flag in enumerate(skips):
+        g = lists["grads"][j]
+        assert torch.equal(out[2][j], g), f"tensor {j}: gradient written"
+        for k in (0, 3, 4, 5):
+            if k == 5 and placeholder[j]:
+                continue  # the placeholder is exp_avg_sq itself, checked as such
+            if bool(flag):
+                assert torch.equal(out[k][j], befores[k][j]), f"tensor {j}: skipped {names[k]} not kept/restored"
+            else:
+                _assert_state_close(out[k][j], ref[k][j], befores[k][j], g, dtype, f"{names[k]} {j}")
+
+
+@pytest.mark.parametrize("op", ["sgd", "adam"])
+def test_cuda_fused_step_reads_the_skip_flag_on_the_device(op):
+    """No host sync (the flag is never read on the host), and a captured pass replays the flag's current value."""
+    assert sam_kernels.backends.get_backend("cuda").FUSES_BASE_STEP
+    shape = (300, 70)
+    w = torch.randn(shape, device="cuda")
+    saved, g = torch.randn_like(w), torch.randn_like(w)
+    state = [torch.randn_like(w) * 0.1, torch.rand_like(w) * 0.1 + 0.01]
+    skip = torch.zeros((), dtype=torch.bool, device="cuda")
+    if op == "sgd":
+        hypers = dict(lrs=0.1, weight_decays=0.01, momentums=0.9, dampenings=0.0, nesterovs=1.0, maximizes=0.0,
+                      fresh=0.0)
+        run = lambda: F.restore_sgd_([w], [saved], [g], [state[0]], [skip], **hypers, backend="cuda")  # noqa: E731
+    else:
+        hypers = dict(lrs=1e-2, beta1s=0.9, beta2s=0.999, epss=1e-8, weight_decays=0.01, decoupled=1.0,
+                      amsgrads=0.0, maximizes=0.0, step_sizes=1e-2 / 0.1, bias_correction2_sqrts=0.001**0.5)
+        run = lambda: F.restore_adam_([w], [saved], [g], [state[0]], [state[1]], [state[1]], [skip], **hypers,  # noqa: E731
+                                      backend="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()  # raises on any synchronising call
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm up
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    before = [w.clone()] + [s.clone() for s in state]
+    skip.fill_(True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(w, saved) and all(torch.equal(s, b) for s, b in zip(state, before[1:]))
+    skip.fill_(False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(w, saved) and not torch.equal(state[0], before[1])
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("base,kwargs", [
+    (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+    (torch.optim.SGD, dict(lr=0.05)),
+    (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05, amsgrad=True)),
+    (torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3)),
+], ids=["sgd-nesterov", "sgd-plain", "adamw-amsgrad", "adam-l2"])
+def test_fused_second_step_matches_the_reference_over_steps(backend, base, kwargs):
+    """Whole SAM steps with the fused second step (state created and carried as torch does) against the
+    reference backend restoring and calling torch's own step, over three steps."""
+    torch.manual_seed(0)
+    params = _model_params()
+    ref_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = sam_kernels.SAM(params, base, backend=backend, **kwargs)
+    ref = sam_kernels.SAM(ref_params, base, backend="reference", fuse_base_step=False, **kwargs)
+    if backend == "cuda":
+        assert opt.base_step_fused, opt._why_not_fused()
+    assert not ref.base_step_fused
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, r, gr in zip(params, ref_params, grads):
+            p.grad, r.grad = gr.clone(), gr.clone()
+        opt.first_step()
+        ref.first_step()
+        grads = [torch.randn_like(p) for p in params]
+        for p, r, gr in zip(params, ref_params, grads):
+            p.grad, r.grad = gr.clone(), gr.clone()
+        opt.second_step()
+        ref.second_step()
+    torch.cuda.synchronize()
+    for p, r in zip(params, ref_params):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-5)
