@@ -26,6 +26,7 @@ struct HostOps {
   static constexpr auto standard_normal = &sam_host::standard_normal;
   static constexpr auto restore_sgd_ = &sam_host::restore_sgd_;
   static constexpr auto restore_adam_ = &sam_host::restore_adam_;
+  static constexpr auto msam_sgd_ = &sam_host::msam_sgd_;
 };
 
 #ifdef SAM_WITH_CUDA
@@ -66,6 +67,13 @@ void bind_fused_step(py::module_& module) {
   module.def("restore_adam_", &R::restore_adam_, "w <- saved, then torch.optim.Adam(W)'s update (one pass)");
 }
 
+// Binds Momentum-SAM's fused step (fused_step_ops.inc) of a backend that has it.
+template <typename Ops>
+void bind_msam_step(py::module_& module) {
+  using R = sam::Routed<Ops>;
+  module.def("msam_sgd_", &R::msam_sgd_, "w <- w + c m, SGD's update, sum of the new m^2 (one pass)");
+}
+
 void bind_step_plan(py::module_& host) {
   using sam_host::StepPlan;
   py::class_<StepPlan>(host, "StepPlan", "the cached step plan of backend='cpp' (csrc/host_plan.h)")
@@ -91,6 +99,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto host = m.def_submodule("host", "operations on CPU tensors (backend='cpp')");
   bind_operations<HostOps>(host);
   bind_fused_step<HostOps>(host);
+  bind_msam_step<HostOps>(host);
   bind_step_plan(host);
   host.def("philox4x32_10", &sam_host::philox4x32_10, "Philox4x32-10 of one counter (4 words) and key (2 words)");
 #ifdef SAM_WITH_CUDA
