@@ -21,7 +21,7 @@ from setuptools import setup
 REQUIRE = os.environ.get("SAM_KERNELS_REQUIRE_EXTENSION") == "1"
 SKIP = os.environ.get("SAM_KERNELS_NO_EXTENSION") == "1"
 SKIP_CUDA = os.environ.get("SAM_KERNELS_NO_CUDA") == "1"
-HOST_SOURCES = ["csrc/host_ops.cpp", "csrc/host_fused_step.cpp", "csrc/host_plan.cpp", "csrc/noise_batch.cpp", "csrc/bindings.cpp"]
+HOST_SOURCES = ["csrc/host_ops.cpp", "csrc/host_fused_step.cpp", "csrc/host_family_ops.cpp", "csrc/host_plan.cpp", "csrc/noise_batch.cpp", "csrc/bindings.cpp"]
 CUDA_SOURCES = ["csrc/cuda_ops.cu"]
 
 

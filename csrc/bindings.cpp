@@ -27,6 +27,12 @@ struct HostOps {
   static constexpr auto restore_sgd_ = &sam_host::restore_sgd_;
   static constexpr auto restore_adam_ = &sam_host::restore_adam_;
   static constexpr auto msam_sgd_ = &sam_host::msam_sgd_;
+  static constexpr auto copy_ = &sam_host::copy_;
+  static constexpr auto pair_sums = &sam_host::pair_sums;
+  static constexpr auto combine_ = &sam_host::combine_;
+  static constexpr auto split_difference_ = &sam_host::split_difference_;
+  static constexpr auto residual_sq_sum = &sam_host::residual_sq_sum;
+  static constexpr auto residual_perturb_ = &sam_host::residual_perturb_;
 };
 
 #ifdef SAM_WITH_CUDA
@@ -74,6 +80,18 @@ void bind_msam_step(py::module_& module) {
   module.def("msam_sgd_", &R::msam_sgd_, "w <- w + c m, SGD's update, sum of the new m^2 (one pass)");
 }
 
+// Binds the SAM family's operations (family_ops.inc) of a backend that has them.
+template <typename Ops>
+void bind_family_ops(py::module_& module) {
+  using R = sam::Routed<Ops>;
+  module.def("copy_", &R::copy_, "target <- source, bit for bit");
+  module.def("pair_sums", &R::pair_sums, "(sum x y, sum x^2, sum y^2)");
+  module.def("combine_", &R::combine_, "x <- a x + b y (a zero coefficient's term counts 0)");
+  module.def("split_difference_", &R::split_difference_, "firsts <- grads - firsts; grads <- old firsts");
+  module.def("residual_sq_sum", &R::residual_sq_sum, "sum (g - sigma m)^2");
+  module.def("residual_perturb_", &R::residual_perturb_, "saved <- w; w <- w + s (g - sigma m); m <- EMA");
+}
+
 void bind_step_plan(py::module_& host) {
   using sam_host::StepPlan;
   py::class_<StepPlan>(host, "StepPlan", "the cached step plan of backend='cpp' (csrc/host_plan.h)")
@@ -100,6 +118,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_operations<HostOps>(host);
   bind_fused_step<HostOps>(host);
   bind_msam_step<HostOps>(host);
+  bind_family_ops<HostOps>(host);
   bind_step_plan(host);
   host.def("philox4x32_10", &sam_host::philox4x32_10, "Philox4x32-10 of one counter (4 words) and key (2 words)");
 #ifdef SAM_WITH_CUDA

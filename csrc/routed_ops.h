@@ -180,6 +180,54 @@ struct Routed {
                                      pick(skips, b), pick_each(hypers, b)));
     return {add_totals(parts), r.skipped};
   }
+
+  // The SAM family (family_ops.inc); instantiated only when bound.
+  static Positions copy_(const Tensors& targets, const Tensors& sources) {
+    const Routing r = route(targets, {&sources});
+    for (const auto& b : r.buckets) Ops::copy_(pick(targets, b), pick(sources, b));
+    return r.skipped;
+  }
+
+  static std::tuple<c10::optional<at::Tensor>, Positions> pair_sums(const Tensors& firsts, const Tensors& seconds) {
+    const Routing r = route(firsts, {&seconds});
+    Tensors parts;
+    for (const auto& b : r.buckets) parts.push_back(Ops::pair_sums(pick(firsts, b), pick(seconds, b)));
+    return {add_totals(parts), r.skipped};
+  }
+
+  static Positions combine_(const Tensors& targets, const Tensors& others, const Tensors& target_coefs,
+                            const Tensors& other_coefs) {
+    const Routing r = route(targets, {&others});
+    for (const auto& b : r.buckets)
+      Ops::combine_(pick(targets, b), pick(others, b), pick(target_coefs, b), pick(other_coefs, b));
+    return r.skipped;
+  }
+
+  static Positions split_difference_(const Tensors& grads, const Tensors& firsts, const Tensors& skips) {
+    const Routing r = route(grads, {&firsts});
+    for (const auto& b : r.buckets) Ops::split_difference_(pick(grads, b), pick(firsts, b), pick(skips, b));
+    return r.skipped;
+  }
+
+  static std::tuple<c10::optional<at::Tensor>, Positions> residual_sq_sum(const Tensors& params, const Tensors& grads,
+                                                                          const Tensors& moments,
+                                                                          const std::vector<double>& sigmas) {
+    const Routing r = route(params, {&grads, &moments});
+    Tensors parts;
+    for (const auto& b : r.buckets)
+      parts.push_back(Ops::residual_sq_sum(pick(params, b), pick(grads, b), pick(moments, b), pick(sigmas, b)));
+    return {add_totals(parts), r.skipped};
+  }
+
+  static Positions residual_perturb_(const Tensors& params, const Tensors& grads, const Tensors& moments,
+                                     const Tensors& saved, const Tensors& scales, const std::vector<double>& sigmas,
+                                     const std::vector<double>& lmbdas) {
+    const Routing r = route(params, {&grads, &moments, &saved});
+    for (const auto& b : r.buckets)
+      Ops::residual_perturb_(pick(params, b), pick(grads, b), pick(moments, b), pick(saved, b), pick(scales, b),
+                             pick(sigmas, b), pick(lmbdas, b));
+    return r.skipped;
+  }
 };
 
 }  // namespace sam

@@ -58,8 +58,9 @@ class NativeBackend:
             self.restore_sgd_ = None
         if not hasattr(ops, "restore_adam_"):
             self.restore_adam_ = None
-        if not hasattr(ops, "msam_sgd_"):
-            self.msam_sgd_ = None
+        for name in ("msam_sgd_",) + _FAMILY_OPS:  # where this build has no kernel: the operation falls back
+            if not hasattr(ops, name):
+                setattr(self, name, None)
 
     def available(self) -> tuple[bool, str]:
         if self._device_type == "cuda" and not torch.cuda.is_available():
@@ -159,6 +160,52 @@ class NativeBackend:
             parts.append(_foreach.msam_sgd_(*(_pick(lst, skipped) for lst in lists),
                                             **{k: _pick(v, skipped) for k, v in hypers.items()}))
         return _sum(parts, (), params[0].device)
+
+    # The SAM family (docs/DESIGN.md §2.5–§2.8).
+    def copy_(self, targets, sources):
+        skipped = self._ops.copy_(targets, sources)
+        if skipped:
+            _leftover(targets, skipped)
+            _foreach.copy_(_pick(targets, skipped), _pick(sources, skipped))
+
+    def pair_sums(self, firsts, seconds):
+        total, skipped = self._ops.pair_sums(firsts, seconds)
+        parts = [] if total is None else [total]
+        if skipped:
+            _leftover(firsts, skipped)
+            parts.append(_foreach.pair_sums(_pick(firsts, skipped), _pick(seconds, skipped)))
+        return _sum(parts, (3,), firsts[0].device)
+
+    def combine_(self, targets, others, target_coefs, other_coefs):
+        skipped = self._ops.combine_(targets, others, target_coefs, other_coefs)
+        if skipped:
+            _leftover(targets, skipped)
+            _foreach.combine_(*(_pick(lst, skipped) for lst in (targets, others, target_coefs, other_coefs)))
+
+    def split_difference_(self, grads, firsts, skips):
+        skipped = self._ops.split_difference_(grads, firsts, skips)
+        if skipped:
+            _leftover(grads, skipped)
+            _foreach.split_difference_(*(_pick(lst, skipped) for lst in (grads, firsts, skips)))
+
+    def residual_sq_sum(self, params, grads, moments, *, sigmas):
+        total, skipped = self._ops.residual_sq_sum(params, grads, moments, list(sigmas))
+        parts = [] if total is None else [total]
+        if skipped:
+            _leftover(params, skipped)
+            parts.append(_foreach.residual_sq_sum(_pick(params, skipped), _pick(grads, skipped),
+                                                  _pick(moments, skipped), sigmas=_pick(sigmas, skipped)))
+        return _sum(parts, (), params[0].device)
+
+    def residual_perturb_(self, params, grads, moments, saved, scales, *, sigmas, lmbdas):
+        skipped = self._ops.residual_perturb_(params, grads, moments, saved, scales, list(sigmas), list(lmbdas))
+        if skipped:
+            _leftover(params, skipped)
+            _foreach.residual_perturb_(*(_pick(lst, skipped) for lst in (params, grads, moments, saved, scales)),
+                                       sigmas=_pick(sigmas, skipped), lmbdas=_pick(lmbdas, skipped))
+
+
+_FAMILY_OPS = ("copy_", "pair_sums", "combine_", "split_difference_", "residual_sq_sum", "residual_perturb_")
 
 
 def _hyper_lists(op: str, hypers: dict) -> list[list[float]]:
