@@ -14,20 +14,26 @@ import pytest
 
 pytest.importorskip("triton")
 
-VARIANTS = 67  # compile_check._configurations()
+VARIANTS = 97  # compile_check._configurations()
 
 # Registers per thread at num_warps = 8 (256 threads per block). An SM of sm_90 has 65,536 registers
 # and holds at most 64 warps. The kernels stream memory: what keeps HBM busy is bytes in flight per SM,
 # about bandwidth × latency / SMs ≈ 3.35 TB/s × ~1 µs / 132 ≈ 25 KB. A thread of a full float32 tile
 # has two 16-byte loads per stream in flight (BLOCK / 256 = 8 elements).
-#   streaming kernels (restore, norm sums, perturb, the fused SGD/Adam second step): ≤ 64 → 4 blocks = 32 warps
+#   streaming kernels (restore, norm sums, perturb, the fused SGD/Adam second step, the SAM family's
+#   operations): ≤ 64 → 4 blocks = 32 warps
 #   per SM, ≥ 64 KB in flight;
 #   noise kernels (Philox + Box–Muller, ALU-heavy): ≤ 80 → 3 blocks (3 × 80 × 256 = 61,440 registers);
 #   float64 (two registers per value): ≤ 128 → 2 blocks.
 BUDGET = {"stream": 64, "noise": 80, "fp64": 128}
 NOISE_KERNELS = {"add_noise_kernel", "noise_grad_sums_kernel", "mix_perturb_kernel"}
 FUSED_STEP_KERNELS = {"restore_sgd_kernel", "restore_adam_kernel"}
-ELEMENTWISE = {"restore_kernel", "scaled_grad_sq_sum_kernel", "perturb_kernel"} | NOISE_KERNELS | FUSED_STEP_KERNELS
+# The SAM family's operations (docs/DESIGN.md §2.5–§2.8, §2.10; copy_ launches restore_kernel) and the streams
+# each reads (Momentum-SAM's step: w, g, m).
+FAMILY_STREAMS = {"pair_sums_kernel": 2, "combine_kernel": 2, "split_difference_kernel": 2,
+                  "residual_sq_sum_kernel": 2, "residual_perturb_kernel": 3, "msam_sgd_kernel": 3}
+ELEMENTWISE = {"restore_kernel", "scaled_grad_sq_sum_kernel", "perturb_kernel"} | NOISE_KERNELS | FUSED_STEP_KERNELS \
+    | set(FAMILY_STREAMS)
 
 _LINE = re.compile(r"^(\w+) (\S+) num_warps=(\d+) regs=(\w+) stack=(\w+) vector_loads=(\d+) div64=(\d+)$")
 
@@ -62,7 +68,7 @@ def test_all_triton_kernels_compile_for_sm90(report):
 def test_full_tiles_of_aligned_lists_use_vector_loads(report):
     _, rows = report
     aligned = [r for r in rows if r["name"] in ELEMENTWISE and r["variant"].get("ALIGNED") == "True"]
-    assert len(aligned) == 48  # float32 15, bfloat16 11, float16 11, float64 11
+    assert len(aligned) == 72  # float32 21, bfloat16 17, float16 17, float64 17
     assert {r["variant"]["W_DTYPE"] for r in aligned} == {"fp32", "bf16", "fp16", "fp64"}
     missing = [r["line"] for r in aligned if r["vector_loads"] == 0]
     assert not missing, "no ld.global.v2/v4 in:\n" + "\n".join(missing)
@@ -101,3 +107,18 @@ def test_fused_step_kernels_load_every_stream_in_vectors(report):
     assert len(fused) == 8
     few = [r["line"] for r in fused if r["vector_loads"] < streams[r["name"]]]
     assert not few, "fewer vector loads than streams in:\n" + "\n".join(few)
+
+
+def test_family_kernels_load_every_stream_in_vectors(report):
+    # Each operation of the SAM family reads two or three streams: at least one vector load per stream on
+    # aligned full tiles in every dtype, two (16 bytes each per thread) in float32.
+    _, rows = report
+    family = [r for r in rows if r["name"] in FAMILY_STREAMS]
+    assert len(family) == 5 * len(FAMILY_STREAMS)  # float32 aligned and not, bfloat16, float16, float64
+    aligned = [r for r in family if r["variant"]["ALIGNED"] == "True"]
+    assert len(aligned) == 4 * len(FAMILY_STREAMS)
+    few = [r["line"] for r in aligned if r["vector_loads"] < FAMILY_STREAMS[r["name"]]]
+    assert not few, "fewer vector loads than streams in:\n" + "\n".join(few)
+    float32 = [r for r in aligned if r["variant"]["W_DTYPE"] == "fp32"]
+    two_each = [r["line"] for r in float32 if r["vector_loads"] < 2 * FAMILY_STREAMS[r["name"]]]
+    assert not two_each, "float32: fewer than two 16-byte loads per stream in:\n" + "\n".join(two_each)

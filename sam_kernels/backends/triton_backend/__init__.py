@@ -5,7 +5,10 @@ launch for filter-wise ASAM) and one perturb launch; restore is one launch.
 R-SAM's δ₀ is regenerated inside the kernels from the Philox stream and never
 stored. The fused second step (``restore_sgd_``, ``restore_adam_``; see
 :data:`FUSES_BASE_STEP`) is one launch per bucket: saved weights, gradient and
-optimizer state in, weights and state out. Tensors the kernels do not take —
+optimizer state in, weights and state out. The SAM family's operations (GSAM, LookSAM, WSAM,
+FriendlySAM, Momentum-SAM's ``msam_sgd_``; §2.5–§2.10) are one launch per bucket each, reductions
+two-stage (one partial per tile, summed in a fixed order); ``copy_`` is restore's bit copy; their second
+and third lists (and MSAM's momenta) must have the first list's dtype. Tensors the kernels do not take —
 non-contiguous weights or gradients, saved copies of another dtype, optimizer
 state that is non-contiguous or of another dtype than its weight, filters of
 more than :data:`MAX_FILTER` elements, shards at a noise offset — go to the
@@ -503,13 +506,8 @@ def restore_sgd_(
     plan = _plan("restore_sgd_", params, grads, saved, states=(momenta,), used=(momentum_on,))
     if plan.buckets:
         tables = plan.pointers(params, grads, saved, momenta)
-        # Columns in kernels.SGD_* order; 1 − τ formed in float64 before the rounding to ACC (csrc/sam_math.h).
-        hyper_arrays = plan.array("hypers", [
-            (lr, wd, mu, 1.0 - tau, -1.0 if maximize else 1.0, float(wd != 0), float(on), float(bool(nesterov)),
-             float(bool(new)))
-            for lr, wd, mu, tau, maximize, on, nesterov, new in zip(
-                lrs, weight_decays, momentums, dampenings, maximizes, momentum_on, nesterovs, fresh)
-        ])
+        hyper_arrays = _sgd_hypers(plan, lrs, weight_decays, momentums, dampenings, nesterovs, maximizes, fresh,
+                                   momentum_on)
         stacked, slot_arrays = _skip_slots(plan, skips)
     for k, b in enumerate(plan.buckets):
         (w_ptrs, g_ptrs, s_ptrs, m_ptrs), aligned = tables[k]
@@ -559,6 +557,198 @@ def restore_adam_(
                            lrs=lrs, beta1s=beta1s, beta2s=beta2s, epss=epss, weight_decays=weight_decays,
                            decoupled=decoupled, amsgrads=amsgrads, maximizes=maximizes, step_sizes=step_sizes,
                            bias_correction2_sqrts=bias_correction2_sqrts))
+
+
+# ------------------------------------------------ the SAM family (docs/DESIGN.md §2.5–§2.8, §2.10)
+# The second (third) lists must have the first list's dtype and be contiguous, else the position goes to
+# foreach (passed as state lists of the plan); FriendlySAM's and MSAM's gradients may have another dtype
+# (a bucket of their own, read as G_DTYPE).
+def _coef_slots(plan: _Plan, name: str, *per_tensor: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The distinct device scalars of each list stacked (one entry per distinct tuple) and, per bucket, each
+    tensor's slot among them."""
+    uniques, slot_arrays = plan.slots(name, *per_tensor)
+    return [torch.stack(unique) for unique in uniques], slot_arrays
+
+
+def _widened(total: Tensor, *lists: Sequence[Tensor]) -> Tensor:
+    """The sum in float64 when any tensor of the lists is float64 (also an empty one, as the reference)."""
+    if total.dtype != torch.float64 and any(t.dtype == torch.float64 for lst in lists for t in lst):
+        return total.to(torch.float64)
+    return total
+
+
+@_on_tensors_device
+def copy_(targets: Sequence[Tensor], sources: Sequence[Tensor]) -> None:
+    plan = _plan("copy_", targets, states=(sources,))
+    if plan.buckets:
+        tables = plan.pointers(targets, None, None, sources)
+    for k, b in enumerate(plan.buckets):
+        (x_ptrs, y_ptrs), aligned = tables[k]
+        K.restore_kernel[(b.layout.num_tiles,)](  # a bit copy: restore's kernel
+            b.layout.tile_tensor, b.layout.tile_start, x_ptrs, y_ptrs,
+            b.layout.numels, W_DTYPE=_TL_DTYPES[b.w_dtype], BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS,
+        )
+    if plan.fallback:
+        _foreach.copy_(_pick(targets, plan.fallback), _pick(sources, plan.fallback))
+
+
+@_on_tensors_device
+def pair_sums(firsts: Sequence[Tensor], seconds: Sequence[Tensor]) -> Tensor:
+    plan = _plan("pair_sums", firsts, states=(seconds,))
+    parts = []
+    if plan.buckets:
+        tables = plan.pointers(firsts, None, None, seconds)
+    for k, b in enumerate(plan.buckets):
+        (x_ptrs, y_ptrs), aligned = tables[k]
+        partials = torch.empty((b.layout.num_tiles, 3), dtype=b.acc, device=b.device)
+        K.pair_sums_kernel[(b.layout.num_tiles,)](
+            b.layout.tile_tensor, b.layout.tile_start, x_ptrs, y_ptrs, b.layout.numels, partials,
+            BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS, **b.dtypes(),
+        )
+        parts.append(partials.sum(0))
+    if plan.fallback:
+        parts.append(_foreach.pair_sums(_pick(firsts, plan.fallback), _pick(seconds, plan.fallback)))
+    return _widened(_sum(parts, (3,), firsts[0].device), firsts, seconds)
+
+
+@_on_tensors_device
+def combine_(
+    targets: Sequence[Tensor], others: Sequence[Tensor], target_coefs: Sequence[Tensor], other_coefs: Sequence[Tensor]
+) -> None:
+    plan = _plan("combine_", targets, states=(others,))
+    if plan.buckets:
+        tables = plan.pointers(targets, None, None, others)
+        (stacked_a, stacked_b), slot_arrays = _coef_slots(plan, "coefs", target_coefs, other_coefs)
+    for k, b in enumerate(plan.buckets):
+        (x_ptrs, y_ptrs), aligned = tables[k]
+        K.combine_kernel[(b.layout.num_tiles,)](
+            b.layout.tile_tensor, b.layout.tile_start, x_ptrs, y_ptrs, b.layout.numels,
+            slot_arrays[k], stacked_a.to(b.acc), stacked_b.to(b.acc),
+            BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS, **b.dtypes(),
+        )
+    if plan.fallback:
+        fallback = plan.fallback
+        _foreach.combine_(_pick(targets, fallback), _pick(others, fallback), _pick(target_coefs, fallback),
+                          _pick(other_coefs, fallback))
+
+
+@_on_tensors_device
+def split_difference_(grads: Sequence[Tensor], firsts: Sequence[Tensor], skips: Sequence[Tensor]) -> None:
+    plan = _plan("split_difference_", grads, states=(firsts,))
+    if plan.buckets:
+        tables = plan.pointers(grads, None, None, firsts)
+        stacked, slot_arrays = _skip_slots(plan, skips)
+    for k, b in enumerate(plan.buckets):
+        (g_ptrs, f_ptrs), aligned = tables[k]
+        K.split_difference_kernel[(b.layout.num_tiles,)](
+            b.layout.tile_tensor, b.layout.tile_start, g_ptrs, f_ptrs, b.layout.numels, slot_arrays[k], stacked,
+            BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS, **b.dtypes(),
+        )
+    if plan.fallback:
+        fallback = plan.fallback
+        _foreach.split_difference_(_pick(grads, fallback), _pick(firsts, fallback), _pick(skips, fallback))
+
+
+def _residual_hypers(plan: _Plan, sigmas: Sequence[float], lmbdas: Sequence[float]) -> list[Tensor]:
+    # Columns in kernels.RES_* order; 1 − λ formed in float64 before the rounding to ACC.
+    return plan.array("residual", [(sigma, lmbda, 1.0 - lmbda) for sigma, lmbda in zip(sigmas, lmbdas)])
+
+
+@_on_tensors_device
+def residual_sq_sum(
+    params: Sequence[Tensor], grads: Sequence[Tensor], moments: Sequence[Tensor], *, sigmas: Sequence[float]
+) -> Tensor:
+    plan = _plan("residual_sq_sum", params, grads, states=(moments,))
+    parts = []
+    if plan.buckets:
+        tables = plan.pointers(None, grads, None, moments)  # the weights give only the dtype
+        hyper_arrays = _residual_hypers(plan, sigmas, [0.0] * len(sigmas))
+    for k, b in enumerate(plan.buckets):
+        (g_ptrs, m_ptrs), aligned = tables[k]
+        partials = torch.empty(b.layout.num_tiles, dtype=b.acc, device=b.device)
+        K.residual_sq_sum_kernel[(b.layout.num_tiles,)](
+            b.layout.tile_tensor, b.layout.tile_start, g_ptrs, m_ptrs, b.layout.numels, hyper_arrays[k], partials,
+            G_DTYPE=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS, **b.dtypes(),
+        )
+        parts.append(partials.sum())
+    if plan.fallback:
+        fallback = plan.fallback
+        parts.append(_foreach.residual_sq_sum(_pick(params, fallback), _pick(grads, fallback),
+                                              _pick(moments, fallback), sigmas=_pick(sigmas, fallback)))
+    return _widened(_sum(parts, (), params[0].device), params)
+
+
+@_on_tensors_device
+def residual_perturb_(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    moments: Sequence[Tensor],
+    saved: Sequence[Tensor],
+    scales: Sequence[Tensor],
+    *,
+    sigmas: Sequence[float],
+    lmbdas: Sequence[float],
+) -> None:
+    plan = _plan("residual_perturb_", params, grads, saved, states=(moments,))
+    if plan.buckets:
+        tables = plan.pointers(params, grads, saved, moments)
+        hyper_arrays = _residual_hypers(plan, sigmas, lmbdas)
+        (stacked,), slot_arrays = _coef_slots(plan, "scales", scales)
+    for k, b in enumerate(plan.buckets):
+        (w_ptrs, g_ptrs, s_ptrs, m_ptrs), aligned = tables[k]
+        K.residual_perturb_kernel[(b.layout.num_tiles,)](
+            b.layout.tile_tensor, b.layout.tile_start, w_ptrs, g_ptrs, m_ptrs, s_ptrs, b.layout.numels,
+            hyper_arrays[k], slot_arrays[k], stacked.to(b.acc),
+            G_DTYPE=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS, **b.dtypes(),
+        )
+    if plan.fallback:
+        fallback = plan.fallback
+        _foreach.residual_perturb_(
+            _pick(params, fallback), _pick(grads, fallback), _pick(moments, fallback), _pick(saved, fallback),
+            _pick(scales, fallback), sigmas=_pick(sigmas, fallback), lmbdas=_pick(lmbdas, fallback))
+
+
+def _sgd_hypers(plan: _Plan, lrs, weight_decays, momentums, dampenings, nesterovs, maximizes, fresh,
+                momentum_on) -> list[Tensor]:
+    # Columns in kernels.SGD_* order; 1 − τ formed in float64 before the rounding to ACC (csrc/sam_math.h).
+    return plan.array("hypers", [
+        (lr, wd, mu, 1.0 - tau, -1.0 if maximize else 1.0, float(wd != 0), float(on), float(bool(nesterov)),
+         float(bool(new)))
+        for lr, wd, mu, tau, maximize, on, nesterov, new in zip(
+            lrs, weight_decays, momentums, dampenings, maximizes, momentum_on, nesterovs, fresh)
+    ])
+
+
+@_on_tensors_device
+def msam_sgd_(
+    params: Sequence[Tensor], grads: Sequence[Tensor], momenta: Sequence[Tensor], shifts: Sequence[Tensor],
+    skips: Sequence[Tensor], *, lrs: Sequence[float], weight_decays: Sequence[float], momentums: Sequence[float],
+    dampenings: Sequence[float], nesterovs: Sequence[float], maximizes: Sequence[float], fresh: Sequence[float],
+) -> Tensor:
+    hypers = dict(lrs=lrs, weight_decays=weight_decays, momentums=momentums, dampenings=dampenings,
+                  nesterovs=nesterovs, maximizes=maximizes, fresh=fresh)
+    if any(mu == 0 for mu in momentums):  # not a Momentum-SAM step (MSAM needs momentum > 0): the reference form
+        return _foreach.msam_sgd_(params, grads, momenta, shifts, skips, **hypers)
+    plan = _plan("msam_sgd_", params, grads, states=(momenta,))
+    parts = []
+    if plan.buckets:
+        tables = plan.pointers(params, grads, None, momenta)
+        hyper_arrays = _sgd_hypers(plan, momentum_on=[True] * len(params), **hypers)
+        (stacked_shifts, stacked_skips), slot_arrays = _coef_slots(plan, "flags", shifts, skips)
+    for k, b in enumerate(plan.buckets):
+        (w_ptrs, g_ptrs, m_ptrs), aligned = tables[k]
+        partials = torch.empty(b.layout.num_tiles, dtype=b.acc, device=b.device)
+        K.msam_sgd_kernel[(b.layout.num_tiles,)](
+            b.layout.tile_tensor, b.layout.tile_start, w_ptrs, g_ptrs, m_ptrs, b.layout.numels, hyper_arrays[k],
+            slot_arrays[k], stacked_shifts.to(b.acc), stacked_skips, partials,
+            G_DTYPE=_TL_DTYPES[b.g_dtype], BLOCK=BLOCK, ALIGNED=aligned, num_warps=NUM_WARPS, **b.dtypes(),
+        )
+        parts.append(partials.sum())
+    if plan.fallback:
+        fallback = plan.fallback
+        parts.append(_foreach.msam_sgd_(*(_pick(lst, fallback) for lst in (params, grads, momenta, shifts, skips)),
+                                        **{k: _pick(v, fallback) for k, v in hypers.items()}))
+    return _widened(_sum(parts, (), params[0].device), params, momenta)
 
 
 register_backend(NAME, sys.modules[__name__], priority={"cuda": 20})

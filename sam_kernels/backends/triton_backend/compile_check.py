@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-_INT32_POINTERS = {"tile_tensor", "ftile_tensor", "scale_slots", "coef_slots", "skip_slots"}
+_INT32_POINTERS = {"tile_tensor", "ftile_tensor", "scale_slots", "coef_slots", "skip_slots", "flag_slots"}
 _INT64_POINTERS = {
     "tile_start", "ftile_row", "numels", "fsizes", "n_filters", "fnorm_offs",
-    "w_ptrs", "g_ptrs", "s_ptrs", "m_ptrs", "v_ptrs", "vmax_ptrs", "tensor_indices",
+    "w_ptrs", "g_ptrs", "s_ptrs", "m_ptrs", "v_ptrs", "vmax_ptrs", "x_ptrs", "y_ptrs", "f_ptrs", "tensor_indices",
 }
 _BOOL_POINTERS = {"skips"}  # 0-d bool flags, stacked
 _INT_SCALARS = {"key0", "key1", "step"}
@@ -73,6 +73,13 @@ def _configurations():
             yield K.mix_perturb_kernel, with_grad, NUM_WARPS
             yield K.restore_sgd_kernel, with_grad, NUM_WARPS
             yield K.restore_adam_kernel, with_grad, NUM_WARPS
+            # The SAM family (copy_ launches restore_kernel).
+            yield K.pair_sums_kernel, {**base, "BLOCK": BLOCK}, NUM_WARPS
+            yield K.combine_kernel, {**base, "BLOCK": BLOCK}, NUM_WARPS
+            yield K.split_difference_kernel, {**base, "BLOCK": BLOCK}, NUM_WARPS
+            yield K.residual_sq_sum_kernel, with_grad, NUM_WARPS
+            yield K.residual_perturb_kernel, with_grad, NUM_WARPS
+            yield K.msam_sgd_kernel, with_grad, NUM_WARPS
 
 
 def compile_all(arch: int = 90):

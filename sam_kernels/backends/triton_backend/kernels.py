@@ -558,3 +558,236 @@ def restore_adam_kernel(
     else:
         _restore_adam_tile(slot, start, remaining, w_ptrs, s_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, hypers,
                            skip_slots, skips, W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, True)
+
+
+# ------------------------------------------------------ the SAM family (docs/DESIGN.md §2.5–§2.8, §2.10)
+# copy_ is restore_kernel (a bit copy). The other lists of these kernels are of the first list's dtype
+# (the host routes any other position to foreach), except the gradients of residual_* (G_DTYPE).
+@triton.jit
+def _pair_sums_tile(
+    pid, slot, start, remaining, x_ptrs, y_ptrs, partials,
+    W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    x = _load(_tile_ptr(x_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+    y = _load(_tile_ptr(y_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+    tl.store(partials + 3 * pid, tl.sum(x * y, axis=0))
+    tl.store(partials + 3 * pid + 1, tl.sum(x * x, axis=0))
+    tl.store(partials + 3 * pid + 2, tl.sum(y * y, axis=0))
+
+
+@triton.jit
+def pair_sums_kernel(
+    tile_tensor, tile_start, x_ptrs, y_ptrs, numels, partials,
+    W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """partials[tile] = (Σ x·y, Σ x², Σ y²) over the tile."""
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _pair_sums_tile(pid, slot, start, remaining, x_ptrs, y_ptrs, partials, W_DTYPE, ACC, BLOCK, ALIGNED, False)
+    else:
+        _pair_sums_tile(pid, slot, start, remaining, x_ptrs, y_ptrs, partials, W_DTYPE, ACC, BLOCK, ALIGNED, True)
+
+
+@triton.jit
+def _combine_tile(
+    slot, start, remaining, x_ptrs, y_ptrs, coef_slots, target_coefs, other_coefs,
+    W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    coef_slot = tl.load(coef_slots + slot)
+    a = tl.load(target_coefs + coef_slot).to(ACC)
+    b = tl.load(other_coefs + coef_slot).to(ACC)
+    x_ptr = _tile_ptr(x_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    x = _load(x_ptr, mask, MASKED).to(ACC)
+    y = _load(_tile_ptr(y_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+    # A term whose coefficient is 0 counts 0 (not 0·Inf = NaN).
+    ax = tl.where(a == 0, 0.0, a * x)
+    by = tl.where(b == 0, 0.0, b * y)
+    _store(x_ptr, (ax + by).to(W_DTYPE), mask, MASKED)
+
+
+@triton.jit
+def combine_kernel(
+    tile_tensor, tile_start, x_ptrs, y_ptrs, numels, coef_slots, target_coefs, other_coefs,
+    W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """x ← a·x + b·y, a term with a zero coefficient counting exactly 0."""
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _combine_tile(slot, start, remaining, x_ptrs, y_ptrs, coef_slots, target_coefs, other_coefs,
+                      W_DTYPE, ACC, BLOCK, ALIGNED, False)
+    else:
+        _combine_tile(slot, start, remaining, x_ptrs, y_ptrs, coef_slots, target_coefs, other_coefs,
+                      W_DTYPE, ACC, BLOCK, ALIGNED, True)
+
+
+@triton.jit
+def _split_difference_tile(
+    slot, start, remaining, g_ptrs, f_ptrs, skip_slots, skips,
+    W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    f_ptr = _tile_ptr(f_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    if _skip_of(slot, skip_slots, skips):
+        _store(f_ptr, tl.zeros([BLOCK], W_DTYPE), mask, MASKED)  # no sharpness; .grad keeps g_sam
+    else:
+        g_ptr = _tile_ptr(g_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+        first = _load(f_ptr, mask, MASKED)
+        g_sam = _load(g_ptr, mask, MASKED)
+        _store(f_ptr, (g_sam.to(ACC) - first.to(ACC)).to(W_DTYPE), mask, MASKED)
+        _store(g_ptr, first, mask, MASKED)  # the kept g, bit for bit
+
+
+@triton.jit
+def split_difference_kernel(
+    tile_tensor, tile_start, g_ptrs, f_ptrs, numels, skip_slots, skips,
+    W_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """firsts ← grads − firsts, grads ← the old firsts; where skip: firsts ← 0, grads kept."""
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _split_difference_tile(slot, start, remaining, g_ptrs, f_ptrs, skip_slots, skips,
+                               W_DTYPE, ACC, BLOCK, ALIGNED, False)
+    else:
+        _split_difference_tile(slot, start, remaining, g_ptrs, f_ptrs, skip_slots, skips,
+                               W_DTYPE, ACC, BLOCK, ALIGNED, True)
+
+
+# FriendlySAM's per-tensor table, in ACC: σ, λ, 1 − λ (formed in float64 on the host).
+RES_SIGMA = tl.constexpr(0)
+RES_LMBDA = tl.constexpr(1)
+RES_ONE_MINUS_LMBDA = tl.constexpr(2)
+RES_COLUMNS = tl.constexpr(3)
+
+
+@triton.jit
+def _residual_sq_sum_tile(
+    pid, slot, start, remaining, g_ptrs, m_ptrs, hypers, partials,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    g = _load(_tile_ptr(g_ptrs, slot, start, G_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+    m = _load(_tile_ptr(m_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+    d = g - tl.load(hypers + slot * RES_COLUMNS + RES_SIGMA) * m
+    tl.store(partials + pid, tl.sum(d * d, axis=0))
+
+
+@triton.jit
+def residual_sq_sum_kernel(
+    tile_tensor, tile_start, g_ptrs, m_ptrs, numels, hypers, partials,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """partials[tile] = Σ (g − σ·m)² over the tile."""
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _residual_sq_sum_tile(pid, slot, start, remaining, g_ptrs, m_ptrs, hypers, partials,
+                              W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, False)
+    else:
+        _residual_sq_sum_tile(pid, slot, start, remaining, g_ptrs, m_ptrs, hypers, partials,
+                              W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, True)
+
+
+@triton.jit
+def _residual_perturb_tile(
+    slot, start, remaining, w_ptrs, g_ptrs, m_ptrs, s_ptrs, hypers, scale_slots, scales,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    w_ptr = _tile_ptr(w_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    w_raw = _load(w_ptr, mask, MASKED)
+    _store(_tile_ptr(s_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes, w_raw, mask, MASKED)
+    g = _load(_tile_ptr(g_ptrs, slot, start, G_DTYPE, ALIGNED) + lanes, mask, MASKED).to(ACC)
+    m_ptr = _tile_ptr(m_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    m_raw = _load(m_ptr, mask, MASKED)
+    m = m_raw.to(ACC)
+    h = hypers + slot * RES_COLUMNS
+    scale = tl.load(scales + tl.load(scale_slots + slot)).to(ACC)
+    eps = scale * (g - tl.load(h + RES_SIGMA) * m)
+    eps = tl.where(eps - eps == 0, eps, 0.0)  # x − x is 0 exactly when x is finite
+    _store(w_ptr, (w_raw.to(ACC) + eps).to(W_DTYPE), mask, MASKED)
+    m_new = tl.load(h + RES_LMBDA) * m + tl.load(h + RES_ONE_MINUS_LMBDA) * g
+    _store(m_ptr, tl.where(m_new - m_new == 0, m_new.to(W_DTYPE), m_raw), mask, MASKED)  # non-finite: old m
+
+
+@triton.jit
+def residual_perturb_kernel(
+    tile_tensor, tile_start, w_ptrs, g_ptrs, m_ptrs, s_ptrs, numels, hypers, scale_slots, scales,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """saved ← w; w ← w + finite_or_zero(s·(g − σ·m)); m ← λ·m + (1 − λ)·g where finite, else m kept."""
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _residual_perturb_tile(slot, start, remaining, w_ptrs, g_ptrs, m_ptrs, s_ptrs, hypers, scale_slots, scales,
+                               W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, False)
+    else:
+        _residual_perturb_tile(slot, start, remaining, w_ptrs, g_ptrs, m_ptrs, s_ptrs, hypers, scale_slots, scales,
+                               W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, True)
+
+
+@triton.jit
+def _msam_sgd_tile(
+    pid, slot, start, remaining, w_ptrs, g_ptrs, m_ptrs, hypers, flag_slots, shifts, skips, partials,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    lanes = tl.arange(0, BLOCK)
+    mask = lanes < remaining
+    h = hypers + slot * SGD_COLUMNS
+    flag_slot = tl.load(flag_slots + slot)
+    fresh = tl.load(h + SGD_FRESH) != 0
+    w_ptr = _tile_ptr(w_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    m_ptr = _tile_ptr(m_ptrs, slot, start, W_DTYPE, ALIGNED) + lanes
+    w = _load(w_ptr, mask, MASKED).to(ACC)
+    m_raw = _load(m_ptr, mask, MASKED)  # read for the sum also where the step is skipped
+    if fresh:
+        w0 = w  # no momentum yet: nothing to undo, the buffer's contents unused
+    else:
+        w0 = w + tl.load(shifts + flag_slot).to(ACC) * m_raw.to(ACC)
+    if tl.load(skips + flag_slot) != 0:
+        if not fresh:
+            _store(w_ptr, w0.to(W_DTYPE), mask, MASKED)  # only the undo; the momentum kept
+        m_sum = m_raw.to(ACC)
+    else:
+        d = tl.load(h + SGD_SIGN) * _load(_tile_ptr(g_ptrs, slot, start, G_DTYPE, ALIGNED) + lanes, mask,
+                                          MASKED).to(ACC)
+        if tl.load(h + SGD_DECAY_ON) != 0:
+            d = d + tl.load(h + SGD_WEIGHT_DECAY) * w0
+        mu = tl.load(h + SGD_MOMENTUM)
+        if fresh:
+            m_new = d.to(W_DTYPE)
+        else:
+            m_new = (mu * m_raw.to(ACC) + tl.load(h + SGD_ONE_MINUS_DAMPENING) * d).to(W_DTYPE)
+        _store(m_ptr, m_new, mask, MASKED)
+        m_sum = m_new.to(ACC)
+        if tl.load(h + SGD_NESTEROV) != 0:
+            d = d + mu * m_sum
+        else:
+            d = m_sum
+        _store(w_ptr, (w0 - tl.load(h + SGD_LR) * d).to(W_DTYPE), mask, MASKED)
+    if MASKED:
+        m_sum = tl.where(mask, m_sum, 0.0)
+    tl.store(partials + pid, tl.sum(m_sum * m_sum, axis=0))
+
+
+@triton.jit
+def msam_sgd_kernel(
+    tile_tensor, tile_start, w_ptrs, g_ptrs, m_ptrs, numels, hypers, flag_slots, shifts, skips, partials,
+    W_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """Momentum-SAM with SGD: w0 = w + c·m (fresh: w0 = w), then restore_sgd_'s update from w0 (momentum on);
+    partials[tile] = Σ m_new² over the tile. Where skip: w ← w0 (fresh: untouched), m kept (still summed)."""
+    pid, slot, start, full, remaining = _tile(tile_tensor, tile_start, numels, BLOCK)
+    if full:
+        _msam_sgd_tile(pid, slot, start, remaining, w_ptrs, g_ptrs, m_ptrs, hypers, flag_slots, shifts, skips,
+                       partials, W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, False)
+    else:
+        _msam_sgd_tile(pid, slot, start, remaining, w_ptrs, g_ptrs, m_ptrs, hypers, flag_slots, shifts, skips,
+                       partials, W_DTYPE, G_DTYPE, ACC, BLOCK, ALIGNED, True)
