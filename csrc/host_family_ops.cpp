@@ -44,6 +44,16 @@ inline acc_t finite_or_zero(acc_t x) {
   return x - x == acc_t(0) ? x : acc_t(0);  // x - x is 0 exactly when x is finite
 }
 
+// x <- a x + b y over [begin, end), a term left out (0) where its coefficient is 0: a branch-free loop.
+template <bool kA, bool kB, typename scalar_t, typename acc_t>
+SAM_HOST_CLONES void combine_range(scalar_t* x, const scalar_t* y, acc_t a, acc_t b, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const acc_t ax = kA ? a * static_cast<acc_t>(x[i]) : acc_t(0);
+    const acc_t by = kB ? b * static_cast<acc_t>(y[i]) : acc_t(0);
+    x[i] = static_cast<scalar_t>(ax + by);
+  }
+}
+
 }  // namespace
 
 void copy_(const std::vector<at::Tensor>& targets, const std::vector<at::Tensor>& sources) {
@@ -98,12 +108,12 @@ void combine_(const std::vector<at::Tensor>& targets, const std::vector<at::Tens
       const scalar_t* yd = y.data_ptr<scalar_t>();
       const acc_t a = static_cast<acc_t>(a_value), b = static_cast<acc_t>(b_value);
       // A term whose coefficient is 0 counts 0 (not 0 * Inf = NaN): a skipped update drops it entirely.
+      const bool a_on = a != acc_t(0), b_on = b != acc_t(0);
       at::parallel_for(0, x.numel(), kGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const acc_t ax = a == acc_t(0) ? acc_t(0) : a * static_cast<acc_t>(xd[i]);
-          const acc_t by = b == acc_t(0) ? acc_t(0) : b * static_cast<acc_t>(yd[i]);
-          xd[i] = static_cast<scalar_t>(ax + by);
-        }
+        if (a_on && b_on) combine_range<true, true>(xd, yd, a, b, begin, end);
+        if (a_on && !b_on) combine_range<true, false>(xd, yd, a, b, begin, end);
+        if (!a_on && b_on) combine_range<false, true>(xd, yd, a, b, begin, end);
+        if (!a_on && !b_on) combine_range<false, false>(xd, yd, a, b, begin, end);
       });
     });
   }
