@@ -47,6 +47,13 @@ struct CudaOps {
   static constexpr auto standard_normal = &sam_cuda::standard_normal;
   static constexpr auto restore_sgd_ = &sam_cuda::restore_sgd_;
   static constexpr auto restore_adam_ = &sam_cuda::restore_adam_;
+  static constexpr auto msam_sgd_ = &sam_cuda::msam_sgd_;
+  static constexpr auto copy_ = &sam_cuda::copy_;
+  static constexpr auto pair_sums = &sam_cuda::pair_sums;
+  static constexpr auto combine_ = &sam_cuda::combine_;
+  static constexpr auto split_difference_ = &sam_cuda::split_difference_;
+  static constexpr auto residual_sq_sum = &sam_cuda::residual_sq_sum;
+  static constexpr auto residual_perturb_ = &sam_cuda::residual_perturb_;
 };
 #endif
 
@@ -126,6 +133,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   auto cuda = m.def_submodule("cuda", "operations on CUDA tensors of one device (backend='cuda')");
   bind_operations<CudaOps>(cuda);
   bind_fused_step<CudaOps>(cuda);
+  bind_msam_step<CudaOps>(cuda);
+  bind_family_ops<CudaOps>(cuda);
 #else
   m.attr("HAS_CUDA") = false;
 #endif

@@ -433,6 +433,275 @@ __global__ void __launch_bounds__(kThreads)
 #undef SAM_ADAM_RANGE
 }
 
+// ------------------------------------------- the SAM family (docs/DESIGN.md §2.5–§2.8) and MSAM (§2.10)
+// Per-tensor device scalars (combine_'s coefficients, residual_perturb_'s scale, msam_sgd_'s shift) are
+// read in their own dtype by the kernel, once per block, and rounded to the accumulation dtype there
+// (as reference.py's `.to(acc)`): no conversion launch, no host read, and a captured graph replays the
+// scalar's current value. Skip flags are device bools, as in the fused second step.
+enum ValueKind : int32_t { kValueDouble = 0, kValueFloat = 1, kValueHalf = 2, kValueBFloat16 = 3, kValueBool = 4 };
+
+struct DeviceValue {
+  const void* ptr;
+  int32_t kind;  // ValueKind
+};
+
+template <typename A>
+__device__ __forceinline__ A read_value(const DeviceValue& v) {
+  switch (v.kind) {
+    case kValueDouble: return static_cast<A>(*static_cast<const double*>(v.ptr));
+    case kValueFloat: return static_cast<A>(*static_cast<const float*>(v.ptr));
+    case kValueHalf: return static_cast<A>(static_cast<float>(*static_cast<const c10::Half*>(v.ptr)));
+    case kValueBFloat16: return static_cast<A>(static_cast<float>(*static_cast<const c10::BFloat16*>(v.ptr)));
+    default: return *static_cast<const bool*>(v.ptr) ? A(1) : A(0);
+  }
+}
+
+struct NoPayload {};
+
+struct CombineTensor {
+  DeviceValue a, b;  // x <- a x + b y
+};
+
+struct SplitTensor {
+  const bool* skip;
+};
+
+template <typename A>
+struct ResidualSumTensor {
+  A sigma;
+};
+
+template <typename A>
+struct ResidualTensor {
+  DeviceValue scale;
+  A sigma, lmbda, rest;  // rest = 1 - lambda, formed in double on the host
+};
+
+template <typename A>
+struct MsamTensor {
+  sam::SgdCoefs<A> c;  // momentum > 0; c.fresh: the buffer holds nothing yet (not read, w0 = w)
+  DeviceValue shift;
+  const bool* skip;
+};
+
+// Writes block blockIdx.x's W partial sums (valid in thread 0) to its slot.
+template <int W, typename A, typename List>
+__device__ __forceinline__ void write_partials(const List& m, A (&sum)[W], A* partials) {
+  __shared__ A shared[W * 32];
+  block_sum<W>(sum, shared);
+  if (threadIdx.x == 0) {
+    A* out = partials + W * (m.partial0 + static_cast<int64_t>(blockIdx.x));
+#pragma unroll
+    for (int k = 0; k < W; ++k) out[k] = sum[k];
+  }
+}
+
+// Partial (sum x y, sum x^2, sum y^2) per block. Pointers: x, y.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    pair_sums_kernel(const __grid_constant__ PayloadList<2, NoPayload> m, at::opmath_type<scalar_t>* partials) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  const auto* x = static_cast<const scalar_t*>(m.ptr[0][b.t]);
+  const auto* y = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  const bool vec = m.vec_ok[b.t];
+  A sum[3] = {A(0), A(0), A(0)};
+  for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+    A xv[VEC], yv[VEC];
+    load<VEC>(x, i, n, vec, xv);
+    load<VEC>(y, i, n, vec, yv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (k < n) {
+        sum[0] += xv[k] * yv[k];
+        sum[1] += xv[k] * xv[k];
+        sum[2] += yv[k] * yv[k];
+      }
+    }
+  });
+  write_partials<3>(m, sum, partials);
+}
+
+// x <- a x + b y, a zero coefficient's term exactly 0 (its tensor is then not even read).
+// Pointers: x, y.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const __grid_constant__ PayloadList<2, CombineTensor> m) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  auto* x = static_cast<scalar_t*>(m.ptr[0][b.t]);
+  const auto* y = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  const bool vec = m.vec_ok[b.t];
+  const A a = read_value<A>(m.payload[b.t].a), c = read_value<A>(m.payload[b.t].b);
+  const bool use_x = a != A(0), use_y = c != A(0);  // one tensor's coefficients: block-uniform
+  for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+    A xv[VEC] = {}, yv[VEC] = {}, out[VEC];
+    if (use_x) load<VEC>(x, i, n, vec, xv);
+    if (use_y) load<VEC>(y, i, n, vec, yv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = (use_x ? a * xv[k] : A(0)) + (use_y ? c * yv[k] : A(0));
+    store<VEC>(x, i, n, vec, out);
+  });
+}
+
+// firsts <- grads - firsts, grads <- old firsts (bits); skip set: firsts <- 0, grads kept.
+// Pointers: grads, firsts.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    split_difference_kernel(const __grid_constant__ PayloadList<2, SplitTensor> m) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  auto* grads = static_cast<scalar_t*>(m.ptr[0][b.t]);
+  auto* firsts = static_cast<scalar_t*>(m.ptr[1][b.t]);
+  const bool vec = m.vec_ok[b.t];
+  if (*m.payload[b.t].skip) {  // a non-finite first pass: .grad keeps g_sam, no sharpness term
+    for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+      const A zeros[VEC] = {};
+      store<VEC>(firsts, i, n, vec, zeros);
+    });
+    return;
+  }
+  for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+    scalar_t gv[VEC], fv[VEC];
+    A out[VEC];
+    load<VEC>(grads, i, n, vec, gv);
+    load<VEC>(firsts, i, n, vec, fv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) out[k] = static_cast<A>(gv[k]) - static_cast<A>(fv[k]);
+    store<VEC>(firsts, i, n, vec, out);
+    store<VEC>(grads, i, n, vec, fv);
+  });
+}
+
+// Partial sum (g - sigma m)^2 per block. Pointers: g, m.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    residual_sq_kernel(const __grid_constant__ PayloadList<2, ResidualSumTensor<at::opmath_type<scalar_t>>> m,
+                       at::opmath_type<scalar_t>* partials) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  const auto* g = static_cast<const scalar_t*>(m.ptr[0][b.t]);
+  const auto* mom = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  const bool vec = m.vec_ok[b.t];
+  const A sigma = m.payload[b.t].sigma;
+  A sum[1] = {A(0)};
+  for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+    A gv[VEC], mv[VEC];
+    load<VEC>(g, i, n, vec, gv);
+    load<VEC>(mom, i, n, vec, mv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      if (k < n) {
+        const A d = gv[k] - sigma * mv[k];
+        sum[0] += d * d;
+      }
+    }
+  });
+  write_partials<1>(m, sum, partials);
+}
+
+// saved <- w; w <- w + finite_or_zero(s (g - sigma m)); m <- lambda m + (1 - lambda) g where finite, else
+// kept. Pointers: w, g, m, saved.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    residual_perturb_kernel(const __grid_constant__ PayloadList<4, ResidualTensor<at::opmath_type<scalar_t>>> m) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  auto* w = static_cast<scalar_t*>(m.ptr[0][b.t]);
+  const auto* g = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  auto* mom = static_cast<scalar_t*>(m.ptr[2][b.t]);
+  auto* saved = static_cast<scalar_t*>(m.ptr[3][b.t]);
+  const bool vec = m.vec_ok[b.t];
+  const ResidualTensor<A>& p = m.payload[b.t];
+  const A s = read_value<A>(p.scale), sigma = p.sigma, lmbda = p.lmbda, rest = p.rest;
+  for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+    scalar_t wraw[VEC], mraw[VEC];
+    A gv[VEC], out[VEC];
+    load<VEC>(w, i, n, vec, wraw);
+    load<VEC>(g, i, n, vec, gv);
+    load<VEC>(mom, i, n, vec, mraw);
+    store<VEC>(saved, i, n, vec, wraw);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const A mk = static_cast<A>(mraw[k]);
+      out[k] = static_cast<A>(wraw[k]) + sam::finite_or_zero(s * (gv[k] - sigma * mk));
+      const A new_m = lmbda * mk + rest * gv[k];
+      if (new_m - new_m == A(0)) mraw[k] = static_cast<scalar_t>(new_m);  // a non-finite m keeps its old
+    }
+    store<VEC>(w, i, n, vec, out);
+    store<VEC>(mom, i, n, vec, mraw);
+  });
+}
+
+// Momentum-SAM's SGD step over [begin, end): w0 = w + a m_old (kFresh: w0 = w, m not read), then
+// sgd_update<true> from w0; adds the new m^2 (m rounded to its dtype) to `sum`.
+template <bool kFresh, int VEC, typename scalar_t, typename A>
+__device__ __forceinline__ void msam_range(scalar_t* w, const scalar_t* g, scalar_t* mom, int64_t begin,
+                                           int64_t end, bool vec, A a, const sam::SgdCoefs<A>& c, A& sum) {
+  for_each_group<VEC>(begin, end, [&](int64_t i, int n) {
+    A wv[VEC], gv[VEC], out[VEC];
+    scalar_t mv[VEC] = {};
+    load<VEC>(w, i, n, vec, wv);
+    load<VEC>(g, i, n, vec, gv);
+    if (!kFresh) load<VEC>(mom, i, n, vec, mv);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const A w0 = kFresh ? wv[k] : wv[k] + a * static_cast<A>(mv[k]);
+      out[k] = sam::sgd_update<true, A, scalar_t>(w0, gv[k], mv[k], c);
+      const A mk = static_cast<A>(mv[k]);
+      if (k < n) sum += mk * mk;
+    }
+    store<VEC>(w, i, n, vec, out);
+    store<VEC>(mom, i, n, vec, mv);
+  });
+}
+
+// Momentum-SAM with SGD, one pass: the undo w0 = w + a m, SGD's update from w0, and a partial sum of the
+// new m^2 per block. Skip set: w <- w0 (nothing to write when fresh), m kept (its m^2 still counted).
+// Pointers: w, g, m.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    msam_sgd_kernel(const __grid_constant__ PayloadList<3, MsamTensor<at::opmath_type<scalar_t>>> m,
+                    at::opmath_type<scalar_t>* partials) {
+  using A = at::opmath_type<scalar_t>;
+  constexpr int VEC = vec_width<scalar_t>();
+  const BlockWork b = block_work(m);
+  auto* w = static_cast<scalar_t*>(m.ptr[0][b.t]);
+  const auto* g = static_cast<const scalar_t*>(m.ptr[1][b.t]);
+  auto* mom = static_cast<scalar_t*>(m.ptr[2][b.t]);
+  const bool vec = m.vec_ok[b.t];
+  const MsamTensor<A>& p = m.payload[b.t];
+  const A a = read_value<A>(p.shift);
+  A sum[1] = {A(0)};
+  if (*p.skip) {  // one flag per tensor: the whole block takes the same branch
+    const bool undo = !p.c.fresh;
+    for_each_group<VEC>(b.begin, b.end, [&](int64_t i, int n) {
+      A mv[VEC], wv[VEC];
+      load<VEC>(mom, i, n, vec, mv);
+      if (undo) {
+        load<VEC>(w, i, n, vec, wv);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) wv[k] = wv[k] + a * mv[k];
+        store<VEC>(w, i, n, vec, wv);
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k)
+        if (k < n) sum[0] += mv[k] * mv[k];
+    });
+  } else {
+    const sam::SgdCoefs<A> c = p.c;
+    if (c.fresh)
+      msam_range<true, VEC>(w, g, mom, b.begin, b.end, vec, a, c, sum[0]);
+    else
+      msam_range<false, VEC>(w, g, mom, b.begin, b.end, vec, a, c, sum[0]);
+  }
+  write_partials<1>(m, sum, partials);
+}
+
 // out[k] = sum over slots of partials[slot * W + k], in a fixed order (one block).
 template <typename A, int W>
 __global__ void __launch_bounds__(kSumThreads) sum_partials_kernel(const A* partials, int64_t count, A* out) {
@@ -916,6 +1185,256 @@ void restore_adam_(const std::vector<at::Tensor>& params, const std::vector<at::
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
+}
+
+namespace {
+
+// Per-tensor device scalars (coefficients, scales, shifts): one-element tensors of the weights' device,
+// given to the kernel as a pointer and a dtype, read there (never here: no step waits on the device).
+// A scalar of a dtype the kernels do not read (an integer) is converted to double on the device once.
+class DeviceValues {
+ public:
+  explicit DeviceValues(const at::Tensor& like) : device_(like.device()) {}
+  DeviceValue operator()(const at::Tensor& s, const char* what) {
+    TORCH_CHECK(s.defined() && s.numel() == 1 && s.device() == device_, "sam_kernels cuda: every ", what,
+                " must be a one-element tensor on ", device_);
+    switch (s.scalar_type()) {
+      case at::kDouble: return {s.data_ptr(), kValueDouble};
+      case at::kFloat: return {s.data_ptr(), kValueFloat};
+      case at::kHalf: return {s.data_ptr(), kValueHalf};
+      case at::kBFloat16: return {s.data_ptr(), kValueBFloat16};
+      case at::kBool: return {s.data_ptr(), kValueBool};
+      default: break;
+    }
+    auto it = converted_.find(s.unsafeGetTensorImpl());
+    if (it == converted_.end()) it = converted_.emplace(s.unsafeGetTensorImpl(), s.to(at::kDouble)).first;
+    return {it->second.data_ptr(), kValueDouble};
+  }
+
+ private:
+  at::Device device_;
+  std::unordered_map<const c10::TensorImpl*, at::Tensor> converted_;
+};
+
+// Launches `kernel` over the entries, one partial slot of W values per block, and returns their
+// fixed-order total (W values in the accumulation dtype A).
+template <typename A, int W, int NPTR, typename P, typename Kernel>
+at::Tensor reduce_payload_lists(const std::vector<PayloadEntry<NPTR, P>>& entries, const at::Tensor& like,
+                                Kernel kernel) {
+  const int64_t units = payload_units(entries);
+  at::Tensor partials = at::empty({W * (units > 0 ? units : 1)}, like.options().dtype(c10::CppTypeToScalarType<A>::value));
+  A* out = partials.data_ptr<A>();
+  launch_payload_lists(entries, [&](const PayloadList<NPTR, P>& meta, int64_t blocks) {
+    kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return total_of<A, W>(partials, units);
+}
+
+template <int NPTR, typename P>
+PayloadEntry<NPTR, P> payload_entry(const at::Tensor& t, std::array<void*, NPTR> ptr, const P& payload) {
+  PayloadEntry<NPTR, P> e;
+  e.ptr = ptr;
+  e.numel = t.numel();
+  e.payload = payload;
+  return e;
+}
+
+// copy_'s kernel works on raw elements of the dtype's size (a bit copy).
+template <typename word_t>
+void copy_words(const std::vector<TensorEntry>& entries) {
+  launch_lists<2>(entries, [&](const TensorList<2>& meta, int64_t blocks) {
+    restore_kernel<word_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+void copy_(const std::vector<at::Tensor>& targets, const std::vector<at::Tensor>& sources) {
+  if (targets.empty()) return;
+  const at::Tensor& like = targets.front();
+  const c10::cuda::CUDAGuard guard(like.device());
+  check_list(targets, like, "target", targets.size());
+  check_list(sources, like, "source", targets.size());
+  std::vector<TensorEntry> entries;
+  for (size_t j = 0; j < targets.size(); ++j) {
+    check_like(sources[j], targets[j], "source");
+    if (targets[j].numel() && targets[j].data_ptr() != sources[j].data_ptr())
+      entries.push_back(chunk_entry(targets[j], {&targets[j], &sources[j]}));
+  }
+  switch (like.element_size()) {
+    case 1: copy_words<uint8_t>(entries); break;
+    case 2: copy_words<uint16_t>(entries); break;
+    case 4: copy_words<uint32_t>(entries); break;
+    case 8: copy_words<uint64_t>(entries); break;
+    default:  // complex128: not a SAM dtype, but a copy all the same
+      for (size_t j = 0; j < targets.size(); ++j) targets[j].copy_(sources[j]);
+  }
+}
+
+at::Tensor pair_sums(const std::vector<at::Tensor>& firsts, const std::vector<at::Tensor>& seconds) {
+  TORCH_CHECK(!firsts.empty(), "sam_kernels cuda: empty tensor list");
+  const at::Tensor& like = firsts.front();
+  const c10::cuda::CUDAGuard guard(like.device());
+  check_list(firsts, like, "first", firsts.size());
+  check_list(seconds, like, "second", firsts.size());
+  std::vector<PayloadEntry<2, NoPayload>> entries;
+  for (size_t j = 0; j < firsts.size(); ++j) {
+    check_like(seconds[j], firsts[j], "second");
+    if (firsts[j].numel()) entries.push_back(payload_entry<2>(firsts[j], {firsts[j].data_ptr(), seconds[j].data_ptr()}, NoPayload{}));
+  }
+  at::Tensor total;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "sam_pair_sums", [&] {
+    using A = at::opmath_type<scalar_t>;
+    total = reduce_payload_lists<A, 3>(entries, like, pair_sums_kernel<scalar_t>);
+  });
+  return total;
+}
+
+void combine_(const std::vector<at::Tensor>& targets, const std::vector<at::Tensor>& others,
+              const std::vector<at::Tensor>& target_coefs, const std::vector<at::Tensor>& other_coefs) {
+  if (targets.empty()) return;
+  const at::Tensor& like = targets.front();
+  const c10::cuda::CUDAGuard guard(like.device());
+  const size_t count = targets.size();
+  check_list(targets, like, "target", count);
+  check_list(others, like, "other", count);
+  TORCH_CHECK(target_coefs.size() == count && other_coefs.size() == count,
+              "sam_kernels cuda: one target and one other coefficient per tensor expected");
+  DeviceValues values(like);
+  std::vector<PayloadEntry<2, CombineTensor>> entries;
+  for (size_t j = 0; j < count; ++j) {
+    check_like(others[j], targets[j], "other");
+    const CombineTensor c{values(target_coefs[j], "target coefficient"), values(other_coefs[j], "other coefficient")};
+    if (targets[j].numel()) entries.push_back(payload_entry<2>(targets[j], {targets[j].data_ptr(), others[j].data_ptr()}, c));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "sam_combine", [&] {
+    launch_payload_lists(entries, [&](const PayloadList<2, CombineTensor>& meta, int64_t blocks) {
+      combine_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+void split_difference_(const std::vector<at::Tensor>& grads, const std::vector<at::Tensor>& firsts,
+                       const std::vector<at::Tensor>& skips) {
+  if (grads.empty()) return;
+  const at::Tensor& like = grads.front();
+  const c10::cuda::CUDAGuard guard(like.device());
+  const size_t count = grads.size();
+  check_list(grads, like, "gradient", count);
+  check_list(firsts, like, "kept gradient", count);
+  TORCH_CHECK(skips.size() == count, "sam_kernels cuda: one skip flag per tensor expected");
+  SkipFlags flags(like);
+  std::vector<PayloadEntry<2, SplitTensor>> entries;
+  for (size_t j = 0; j < count; ++j) {
+    check_like(firsts[j], grads[j], "kept gradient");
+    const SplitTensor s{flags(skips[j])};
+    if (grads[j].numel()) entries.push_back(payload_entry<2>(grads[j], {grads[j].data_ptr(), firsts[j].data_ptr()}, s));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "sam_split_difference", [&] {
+    launch_payload_lists(entries, [&](const PayloadList<2, SplitTensor>& meta, int64_t blocks) {
+      split_difference_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor residual_sq_sum(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                           const std::vector<at::Tensor>& moments, const std::vector<double>& sigmas) {
+  TORCH_CHECK(!params.empty(), "sam_kernels cuda: empty tensor list");
+  const at::Tensor& like = params.front();
+  const c10::cuda::CUDAGuard guard(like.device());
+  const size_t count = params.size();
+  check_list(params, like, "weight", count);
+  check_list(grads, like, "gradient", count);
+  check_list(moments, like, "moment", count);
+  TORCH_CHECK(sigmas.size() == count, "sam_kernels cuda: one sigma per tensor expected");
+  at::Tensor total;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "sam_residual_sq_sum", [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::vector<PayloadEntry<2, ResidualSumTensor<A>>> entries;
+    for (size_t j = 0; j < count; ++j) {
+      check_like(grads[j], params[j], "gradient");
+      check_like(moments[j], params[j], "moment");
+      if (params[j].numel())
+        entries.push_back(payload_entry<2>(params[j], {grads[j].data_ptr(), moments[j].data_ptr()},
+                                           ResidualSumTensor<A>{static_cast<A>(sigmas[j])}));
+    }
+    total = reduce_payload_lists<A, 1>(entries, like, residual_sq_kernel<scalar_t>);
+  });
+  return total.squeeze(0);
+}
+
+void residual_perturb_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                       const std::vector<at::Tensor>& moments, const std::vector<at::Tensor>& saved,
+                       const std::vector<at::Tensor>& scales, const std::vector<double>& sigmas,
+                       const std::vector<double>& lmbdas) {
+  if (params.empty()) return;
+  const at::Tensor& like = params.front();
+  const c10::cuda::CUDAGuard guard(like.device());
+  const size_t count = params.size();
+  check_list(params, like, "weight", count);
+  check_list(grads, like, "gradient", count);
+  check_list(moments, like, "moment", count);
+  check_list(saved, like, "saved copy", count);
+  TORCH_CHECK(scales.size() == count && sigmas.size() == count && lmbdas.size() == count,
+              "sam_kernels cuda: one scale, sigma and lambda per tensor expected");
+  DeviceValues values(like);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "sam_residual_perturb", [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::vector<PayloadEntry<4, ResidualTensor<A>>> entries;
+    for (size_t j = 0; j < count; ++j) {
+      const at::Tensor& w = params[j];
+      check_like(grads[j], w, "gradient");
+      check_like(moments[j], w, "moment");
+      check_like(saved[j], w, "saved copy");
+      const ResidualTensor<A> r{values(scales[j], "scale"), static_cast<A>(sigmas[j]), static_cast<A>(lmbdas[j]),
+                                static_cast<A>(1.0 - lmbdas[j])};
+      if (w.numel())
+        entries.push_back(payload_entry<4>(
+            w, {w.data_ptr(), grads[j].data_ptr(), moments[j].data_ptr(), saved[j].data_ptr()}, r));
+    }
+    launch_payload_lists(entries, [&](const PayloadList<4, ResidualTensor<A>>& meta, int64_t blocks) {
+      residual_perturb_kernel<scalar_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream()>>>(meta);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+at::Tensor msam_sgd_(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const std::vector<at::Tensor>& momenta, const std::vector<at::Tensor>& shifts,
+                     const std::vector<at::Tensor>& skips, const std::vector<std::vector<double>>& hypers) {
+  TORCH_CHECK(!params.empty(), "sam_kernels cuda: empty tensor list");
+  const at::Tensor& like = params.front();
+  const c10::cuda::CUDAGuard guard(like.device());
+  const size_t count = params.size();
+  check_list(params, like, "weight", count);
+  check_list(grads, like, "gradient", count);
+  check_list(momenta, like, "momentum buffer", count);
+  TORCH_CHECK(shifts.size() == count && skips.size() == count,
+              "sam_kernels cuda: one shift and one skip flag per tensor expected");
+  check_hypers(hypers, sam::kSgdHypers, count);
+  SkipFlags flags(like);
+  DeviceValues values(like);
+  at::Tensor total;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, like.scalar_type(), "sam_msam_sgd", [&] {
+    using A = at::opmath_type<scalar_t>;
+    std::vector<PayloadEntry<3, MsamTensor<A>>> entries;
+    for (size_t j = 0; j < count; ++j) {
+      const at::Tensor& w = params[j];
+      check_like(grads[j], w, "gradient");
+      check_like(momenta[j], w, "momentum buffer");
+      const auto h = hypers_of<sam::kSgdHypers>(hypers, j);
+      TORCH_CHECK(h[sam::kSgdMomentum] != 0, "sam_kernels cuda: msam_sgd_ needs momentum > 0");
+      const MsamTensor<A> p{sam::sgd_coefs<A>(h.data()), values(shifts[j], "shift"), flags(skips[j])};
+      if (w.numel())
+        entries.push_back(payload_entry<3>(w, {w.data_ptr(), grads[j].data_ptr(), momenta[j].data_ptr()}, p));
+    }
+    total = reduce_payload_lists<A, 1>(entries, like, msam_sgd_kernel<scalar_t>);
+  });
+  return total.squeeze(0);
 }
 
 at::Tensor standard_normal(int64_t numel, uint64_t seed, int64_t tensor_index, int64_t step, int64_t offset) {

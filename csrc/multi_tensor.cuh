@@ -124,6 +124,7 @@ struct PayloadList {
   int32_t first_block[kCapacity + 1];  // tensor t owns blocks [first_block[t], first_block[t + 1])
   bool vec_ok[kCapacity];              // every non-null pointer of tensor t is 16-byte aligned
   int32_t count;
+  int64_t partial0;  // reductions: slot of this launch's first block in the partials buffer
 };
 
 // Host-side description of one tensor of a payload pass. A pointer the pass does not use for this tensor
@@ -136,7 +137,8 @@ struct PayloadEntry {
 };
 
 // Packs the entries into launches of PayloadList<NPTR, P> and calls launch(meta, blocks) for each;
-// returns the total blocks.
+// returns the total blocks (a reduction's partial slots: one per block, launch after launch, from
+// meta.partial0; payload_units gives the count beforehand).
 template <int NPTR, typename P, typename Launch>
 int64_t launch_payload_lists(const std::vector<PayloadEntry<NPTR, P>>& entries, Launch&& launch) {
   using List = PayloadList<NPTR, P>;
@@ -146,6 +148,7 @@ int64_t launch_payload_lists(const std::vector<PayloadEntry<NPTR, P>>& entries, 
   auto flush = [&] {
     if (!meta.count) return;
     meta.first_block[meta.count] = static_cast<int32_t>(blocks);
+    meta.partial0 = total;
     launch(meta, blocks);
     total += blocks;
     blocks = 0;
@@ -170,6 +173,14 @@ int64_t launch_payload_lists(const std::vector<PayloadEntry<NPTR, P>>& entries, 
   }
   flush();
   return total;
+}
+
+// The blocks (work units) launch_payload_lists will launch for these entries.
+template <int NPTR, typename P>
+int64_t payload_units(const std::vector<PayloadEntry<NPTR, P>>& entries) {
+  int64_t units = 0;
+  for (const auto& e : entries) units += ceil_div(e.numel, kChunk);
+  return units;
 }
 
 #if defined(__CUDACC__)
