@@ -435,3 +435,39 @@ def test_grad_scaler_overflow_restores_and_skips_the_base_step(base_id):
     for a, b in zip(params, twin):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     _assert_same_state(opt, other, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------- failures and old pickles
+@needs_fused
+def test_an_error_in_a_fused_second_step_puts_the_weights_back():
+    params = [nn.Parameter(torch.randn(4, 3))]
+    opt = sam_kernels.SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, backend=FUSED_BACKENDS[0])
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.ones(()))
+    before = params[0].detach().clone()
+    params[0].grad = torch.randn(4, 3)
+    opt.first_step()
+    scaler.unscale_(opt)  # the wrong object: second_step refuses it, before any weight is written
+    with pytest.raises(RuntimeError, match="unscale_"):
+        opt.second_step(scaler=scaler)
+    assert torch.equal(params[0], before)  # as the unfused path: restored, not left at w + ε
+    params[0].grad = torch.randn(4, 3)
+    opt.first_step()  # the optimizer is usable again
+    opt.second_step()
+    assert not torch.equal(params[0], before)
+
+
+@needs_fused
+def test_an_optimizer_pickled_before_fusion_existed_loads_and_fuses():
+    params = [nn.Parameter(torch.randn(5))]
+    opt = sam_kernels.SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, backend=FUSED_BACKENDS[0])
+    state = opt.__getstate__()
+    del state["_fuse_base_step"]  # what an earlier version pickled
+    state.pop("_no_skips", None)
+    old = sam_kernels.SAM.__new__(sam_kernels.SAM)
+    old.__setstate__(state)
+    assert old.base_step_fused
+    params[0].grad = torch.randn(5)
+    old.first_step()
+    old.second_step()
+    assert torch.isfinite(params[0]).all()

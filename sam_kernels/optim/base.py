@@ -504,6 +504,8 @@ class SharpnessAwareOptimizer(Optimizer):
                         self.base_optimizer.step()
         except BaseException:
             self._step_hooks_open = False  # the step failed: no post hooks, the next step fires its pre hooks
+            if self._phase != "idle":  # it failed before the fused pass put the weights back: do it now
+                self._put_back()
             raise
         self._opt_called = True  # tells torch LR schedulers that the optimizer stepped
         if sam_step:
@@ -800,7 +802,7 @@ class SharpnessAwareOptimizer(Optimizer):
 
     # ------------------------------------------------------------ copies
     # What a step caches from the live objects: rebuilt after a copy (and the native plan cannot be pickled).
-    _NOT_COPIED = ("_cached_plan", "_step_plan", "_left_grad", "_second_pass_model")
+    _NOT_COPIED = ("_cached_plan", "_step_plan", "_left_grad", "_second_pass_model", "_no_skips")
 
     def __getstate__(self) -> dict[str, Any]:
         """Everything (base optimizer, backend, seed/step, ...) but the caches and, as torch does, the hooks."""
@@ -821,6 +823,8 @@ class SharpnessAwareOptimizer(Optimizer):
         super().__setstate__(state)  # the hook dicts, torch's bookkeeping
         for key in self._NOT_COPIED:
             self.__dict__.setdefault(key, None)
+        self._no_skips = {}
+        self.__dict__.setdefault("_fuse_base_step", True)  # pickled before the fused second step existed
         if groups is not None:
             self.param_groups = groups
         if base_state is not None:

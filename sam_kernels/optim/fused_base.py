@@ -176,8 +176,7 @@ def _adam(opt, base, params, groups, tensors, saved, grads, skips, skip) -> None
             state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
             if group["amsgrad"]:
                 state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["step"] += 1
-        step = float(state["step"])  # a CPU tensor: no device to wait for
+        step = float(state["step"]) + 1  # a CPU tensor: no device to wait for; counted once the pass ran
         beta1, beta2 = group["betas"]
         exp_avgs.append(state["exp_avg"])
         exp_avg_sqs.append(state["exp_avg_sq"])
@@ -193,6 +192,8 @@ def _adam(opt, base, params, groups, tensors, saved, grads, skips, skip) -> None
         amsgrads=[float(g["amsgrad"]) for g in groups], maximizes=[float(g["maximize"]) for g in groups],
         step_sizes=step_sizes, bias_correction2_sqrts=bc2_sqrts, backend=opt._backend,
     )
+    for param in params:
+        base.state[param]["step"] += 1
 
 
 def describe(opt: "SharpnessAwareOptimizer") -> dict[str, Any]:

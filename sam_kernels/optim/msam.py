@@ -124,6 +124,7 @@ class MSAM(SharpnessAwareOptimizer):
         moved = set(self._moved)
         zero = self._no_shift(device)
         per_group = list(self._coefs.unbind()) if self._coefs is not None else []
+        rounded: dict = {}  # c as the unfused shift applies it: rounded to the param's dtype first
         indices, params, grads, momenta, shifts, fresh, owners = [], [], [], [], [], [], []
         for i, param in enumerate(plan.params):
             entry = state.get(param)
@@ -139,7 +140,14 @@ class MSAM(SharpnessAwareOptimizer):
             params.append(param)
             grads.append(grad)
             owners.append(groups[plan.group_of[i]])
-            shifts.append(per_group[plan.group_of[i]] if i in moved else zero)
+            if i in moved:
+                key = (plan.group_of[i], param.dtype)
+                shift = rounded.get(key)
+                if shift is None:
+                    shift = rounded[key] = per_group[key[0]].to(param.dtype).to(torch.float64)
+                shifts.append(shift)
+            else:
+                shifts.append(zero)
             fresh.append(0.0 if buffer is not None else 1.0)
             momenta.append(buffer)
         if not params:
