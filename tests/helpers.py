@@ -24,6 +24,18 @@ def _runs_on(name: str, device: str) -> bool:
 # and all of them; on a GPU machine, the ones that take CUDA tensors (test_gpu.py and the CUDA
 # parity test). Triton takes CPU tensors only through its interpreter (conftest turns it on
 # where there is no GPU); cuda never does.
+def cpu_backends_with(operation: str) -> list[str]:
+    """The fused backends (cpp, triton, cuda) that run on the CPU here and implement ``operation`` natively."""
+    names = []
+    for name in ("cpp", "triton", "cuda"):
+        if not _runs_on(name, "cpu"):
+            continue
+        impl = sam_kernels.backends.resolve_backend(name, torch.device("cpu"))
+        if getattr(impl, "FUSES_BASE_STEP", False) and getattr(impl, operation, None) is not None:
+            names.append(name)
+    return names
+
+
 FAST_BACKENDS = ["foreach"] + [name for name in ("triton", "cuda", "cpp") if _runs_on(name, "cpu")]
 BACKENDS = ["reference"] + FAST_BACKENDS
 CUDA_BACKENDS = (

@@ -16,7 +16,7 @@ from torch import nn
 import sam_kernels
 from sam_kernels import functional as F
 
-from helpers import FLOAT_DTYPES, VARIANT_IDS, VARIANTS, all_params, make_params
+from helpers import FLOAT_DTYPES, VARIANT_IDS, VARIANTS, all_params, cpu_backends_with, make_params
 
 SGD_CONFIGS = {
     "plain": {"lr": 0.1},
@@ -36,21 +36,7 @@ BASES = {**{f"sgd-{k}": (torch.optim.SGD, v) for k, v in SGD_CONFIGS.items()}, *
 _TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2**-7, torch.float16: 2**-10}
 
 
-def _fused_backends():
-    names = []
-    for name in ("cpp", "triton", "cuda"):
-        if sam_kernels.available_backends().get(name) is not None:
-            continue
-        try:
-            impl = sam_kernels.backends.resolve_backend(name, torch.device("cpu"))
-        except (RuntimeError, ValueError):
-            continue
-        if getattr(impl, "FUSES_BASE_STEP", False):
-            names.append(name)
-    return names
-
-
-FUSED_BACKENDS = _fused_backends()
+FUSED_BACKENDS = cpu_backends_with("restore_sgd_")
 needs_fused = pytest.mark.skipif(not FUSED_BACKENDS, reason="no backend with the fused second step runs on the CPU")
 
 

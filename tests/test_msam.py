@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from helpers import cpu_backends_with
 from sam_kernels import MSAM
 
 
@@ -202,19 +203,7 @@ def test_grad_scaler_step_skips_the_base_step_on_overflow_and_keeps_the_perturba
 
 
 # ----------------------------------------------------------------- the fused step (msam_sgd_)
-def _fused_backends():
-    import sam_kernels
-    from sam_kernels.backends import resolve_backend
-
-    names = []
-    for name in ("cpp", "triton", "cuda"):
-        if sam_kernels.available_backends().get(name) is None and getattr(
-                resolve_backend(name, torch.device("cpu")), "msam_sgd_", None) is not None:
-            names.append(name)
-    return names
-
-
-MSAM_FUSED = _fused_backends()
+MSAM_FUSED = cpu_backends_with("msam_sgd_")
 
 
 @pytest.mark.skipif(not MSAM_FUSED, reason="no backend with msam_sgd_ runs on the CPU")

@@ -18,7 +18,7 @@ does); :func:`fused_second_step` runs the pass.
 from __future__ import annotations
 
 import operator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -195,10 +195,3 @@ def _adam(opt, base, params, groups, tensors, saved, grads, skips, skip) -> None
     for param in params:
         base.state[param]["step"] += 1
 
-
-def describe(opt: "SharpnessAwareOptimizer") -> dict[str, Any]:
-    """What the second step does now, for ``repr`` and debugging."""
-    from .plan import StepPlan
-
-    reason = why_not_fused(opt, StepPlan.device_of(opt.param_groups))
-    return {"fused": reason is None, "reason": reason}
